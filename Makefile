@@ -1,0 +1,76 @@
+# Quichex: two commands on a fresh Debian machine.
+#   make demo   installs what is missing, builds, runs the echo demo on loopback
+#   make test   installs what is missing, builds, runs every test and gate
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+export MIX_ENV ?= test
+export LANG := C.UTF-8
+export LC_ALL := C.UTF-8
+export ERL_AFLAGS ?= +S 2:2
+
+CRATE := native/quichex_nif
+VENV := _build/venv
+APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl
+
+.PHONY: all deps deps-system deps-rust deps-python build demo test test-elixir test-rust gates interop bench clean
+
+all: build
+
+## deps: install the system packages, the Rust toolchain check and the Python peers
+deps: deps-system deps-rust
+
+deps-system:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "==> system packages: all present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	else \
+	  echo "Not a Debian machine. Install these (names are Debian's):$$missing"; \
+	  echo "  Elixir >= 1.14 with Erlang/OTP >= 25 (erl_interface headers, PropEr, dialyzer), cmake, a C/C++ compiler, libclang."; \
+	  exit 1; \
+	fi
+
+deps-rust:
+	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs (rustup default stable)"; exit 1; }
+
+deps-python: $(VENV)/.installed
+
+$(VENV)/.installed: integration/requirements.txt
+	@echo "==> python venv with aioquic in $(VENV)"
+	@python3 -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -r integration/requirements.txt
+	@touch $@
+
+build: deps
+	mix compile --warnings-as-errors
+
+demo: export MIX_ENV := dev
+demo: deps
+	mix compile
+	mix run examples/echo.exs
+
+gates: deps
+	mix format --check-formatted
+	mix compile --warnings-as-errors --force
+	cd $(CRATE) && cargo fmt --check
+	cd $(CRATE) && cargo clippy --release --all-targets --locked -- -D warnings
+
+test-rust: deps
+	cd $(CRATE) && cargo test --release --locked
+
+test-elixir: deps deps-python
+	QUICHEX_PYTHON=$(CURDIR)/$(VENV)/bin/python mix test
+
+test: gates test-rust test-elixir
+
+interop: deps deps-python
+	QUICHEX_PYTHON=$(CURDIR)/$(VENV)/bin/python mix test integration --include interop
+
+clean:
+	rm -rf _build priv/native
+	cd $(CRATE) && cargo clean

@@ -1,0 +1,122 @@
+defmodule Mix.Tasks.Compile.QuichexNif do
+  @moduledoc """
+  Builds the `native/quichex_nif` Rust crate with `cargo build --release` and
+  copies the shared library into `priv/native/`.
+
+  Hex is not needed: this compiler replaces `rustler`'s Mix side. It rebuilds
+  only when a file under `native/quichex_nif` (sources, `Cargo.toml`,
+  `Cargo.lock`) is newer than the library in `priv/native/`.
+
+  Set `QUICHEX_SKIP_NIF_BUILD=1` to skip the build (for example when a
+  prebuilt library was already copied into `priv/native/`).
+  """
+  use Mix.Task.Compiler
+
+  @crate "quichex_nif"
+
+  @impl Mix.Task.Compiler
+  def run(_args) do
+    root = Path.expand("../../..", __DIR__)
+    crate_dir = Path.join([root, "native", @crate])
+    priv_dir = Path.join([Mix.Project.app_path(), "priv", "native"])
+    src_lib = Path.join([crate_dir, "target", "release", lib_file()])
+    dest_lib = Path.join(priv_dir, "lib#{@crate}.so")
+
+    cond do
+      System.get_env("QUICHEX_SKIP_NIF_BUILD") in ["1", "true"] ->
+        {:noop, []}
+
+      up_to_date?(crate_dir, dest_lib) ->
+        {:noop, []}
+
+      true ->
+        build!(crate_dir)
+        File.mkdir_p!(priv_dir)
+        # Copy to a temporary name and rename, so a loaded library is never
+        # overwritten in place (that would crash a running VM).
+        tmp = dest_lib <> ".tmp"
+        File.cp!(src_lib, tmp)
+        File.rename!(tmp, dest_lib)
+        {:ok, []}
+    end
+  end
+
+  @impl Mix.Task.Compiler
+  def clean do
+    File.rm_rf!(Path.join([Mix.Project.app_path(), "priv", "native"]))
+    :ok
+  end
+
+  defp lib_file do
+    case :os.type() do
+      {:unix, :darwin} -> "lib#{@crate}.dylib"
+      _ -> "lib#{@crate}.so"
+    end
+  end
+
+  defp up_to_date?(crate_dir, dest_lib) do
+    case File.stat(dest_lib, time: :posix) do
+      {:ok, %{mtime: built}} ->
+        crate_dir
+        |> source_files()
+        |> Enum.all?(fn file -> File.stat!(file, time: :posix).mtime <= built end)
+
+      {:error, _} ->
+        false
+    end
+  end
+
+  defp source_files(crate_dir) do
+    Path.wildcard(Path.join(crate_dir, "src/**/*.rs")) ++
+      Enum.filter(
+        [Path.join(crate_dir, "Cargo.toml"), Path.join(crate_dir, "Cargo.lock")],
+        &File.exists?/1
+      )
+  end
+
+  defp build!(crate_dir) do
+    check_tools!()
+    Mix.shell().info("==> quichex: cargo build --release (native/#{@crate})")
+
+    {_, status} =
+      System.cmd(cargo(), ["build", "--release", "--locked"],
+        cd: crate_dir,
+        into: IO.stream(:stdio, :line),
+        stderr_to_stdout: true
+      )
+
+    if status != 0 do
+      Mix.raise("cargo build --release failed for native/#{@crate} (exit status #{status})")
+    end
+  end
+
+  defp check_tools! do
+    missing =
+      [
+        {"cargo", cargo(), "the Rust toolchain (https://rustup.rs)"},
+        {"cmake", System.find_executable("cmake"), "cmake (Debian: apt-get install cmake)"},
+        {"a C compiler", c_compiler(), "gcc or clang (Debian: apt-get install build-essential)"}
+      ]
+      |> Enum.filter(fn {_name, path, _hint} -> is_nil(path) end)
+
+    if missing != [] do
+      lines =
+        Enum.map_join(missing, "\n", fn {name, _, hint} -> "  * #{name}: install #{hint}" end)
+
+      Mix.raise("""
+      quichex: cannot build the NIF (quiche and BoringSSL), missing tools:
+      #{lines}
+      Or run `make deps`, which installs them on Debian.
+      """)
+    end
+  end
+
+  defp cargo do
+    System.find_executable("cargo") ||
+      Enum.find([Path.expand("~/.cargo/bin/cargo")], &File.exists?/1)
+  end
+
+  defp c_compiler do
+    Enum.find_value(["cc", "gcc", "clang"], &System.find_executable/1)
+  end
+end

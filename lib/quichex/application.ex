@@ -1,0 +1,13 @@
+defmodule Quichex.Application do
+  @moduledoc false
+  use Application
+
+  @impl Application
+  def start(_type, _args) do
+    children = [
+      {DynamicSupervisor, name: Quichex.ConnectionSupervisor, strategy: :one_for_one}
+    ]
+
+    Supervisor.start_link(children, strategy: :one_for_one, name: Quichex.Supervisor)
+  end
+end

@@ -1,0 +1,334 @@
+defmodule Quichex.Config do
+  @schema [
+    application_protos: [
+      type: :alpn_list,
+      default: nil,
+      doc:
+        "ALPN protocols, in order of preference: a non-empty list of 1..255 byte binaries. Required."
+    ],
+    max_idle_timeout: [
+      type: {:integer, 0, 4_611_686_018_427_387_903},
+      default: 30_000,
+      doc: "Idle timeout in milliseconds (0 disables it)."
+    ],
+    initial_max_data: [
+      type: {:integer, 0, 4_611_686_018_427_387_903},
+      default: 10_000_000,
+      doc: "Connection-level flow-control window, in bytes."
+    ],
+    initial_max_stream_data_bidi_local: [
+      type: {:integer, 0, 4_611_686_018_427_387_903},
+      default: 1_000_000,
+      doc: "Flow-control window for bidirectional streams we open, in bytes."
+    ],
+    initial_max_stream_data_bidi_remote: [
+      type: {:integer, 0, 4_611_686_018_427_387_903},
+      default: 1_000_000,
+      doc: "Flow-control window for bidirectional streams the peer opens, in bytes."
+    ],
+    initial_max_stream_data_uni: [
+      type: {:integer, 0, 4_611_686_018_427_387_903},
+      default: 1_000_000,
+      doc: "Flow-control window for unidirectional streams the peer opens, in bytes."
+    ],
+    initial_max_streams_bidi: [
+      type: {:integer, 0, 1_152_921_504_606_846_976},
+      default: 100,
+      doc: "How many bidirectional streams the peer may open."
+    ],
+    initial_max_streams_uni: [
+      type: {:integer, 0, 1_152_921_504_606_846_976},
+      default: 100,
+      doc: "How many unidirectional streams the peer may open."
+    ],
+    max_recv_udp_payload_size: [
+      type: {:integer, 1200, 65527},
+      default: nil,
+      doc: "Largest UDP payload we accept (quiche default 65527)."
+    ],
+    max_send_udp_payload_size: [
+      type: {:integer, 1200, 65527},
+      default: 1350,
+      doc: "Largest UDP payload we send."
+    ],
+    ack_delay_exponent: [
+      type: {:integer, 0, 20},
+      default: nil,
+      doc: "ACK delay exponent transport parameter (quiche default 3)."
+    ],
+    max_ack_delay: [
+      type: {:integer, 0, 16383},
+      default: nil,
+      doc: "Maximum ACK delay in milliseconds (quiche default 25)."
+    ],
+    disable_active_migration: [
+      type: :boolean,
+      default: nil,
+      doc: "Tell the peer not to migrate (quiche default false)."
+    ],
+    active_connection_id_limit: [
+      type: {:integer, 2, 4_611_686_018_427_387_903},
+      default: nil,
+      doc: "How many connection IDs we accept from the peer (quiche default 2)."
+    ],
+    cc_algorithm: [
+      type: {:in, [:reno, :cubic, :bbr2]},
+      default: :cubic,
+      doc: "Congestion control: `:reno`, `:cubic` or `:bbr2`."
+    ],
+    enable_hystart: [type: :boolean, default: nil, doc: "HyStart++ (quiche default true)."],
+    enable_pacing: [type: :boolean, default: nil, doc: "Pacing (quiche default true)."],
+    max_pacing_rate: [
+      type: {:integer, 1, 18_446_744_073_709_551_615},
+      default: nil,
+      doc: "Cap on the pacing rate, in bytes per second."
+    ],
+    enable_dgram: [
+      type: :boolean,
+      default: false,
+      doc: "Enable DATAGRAM frames (RFC 9221)."
+    ],
+    dgram_recv_queue_len: [
+      type: {:integer, 1, 1_000_000},
+      default: 1000,
+      doc: "Datagram receive queue length, used with `enable_dgram`."
+    ],
+    dgram_send_queue_len: [
+      type: {:integer, 1, 1_000_000},
+      default: 1000,
+      doc: "Datagram send queue length, used with `enable_dgram`."
+    ],
+    verify_peer: [
+      type: :boolean,
+      default: nil,
+      doc:
+        "Verify the peer's certificate. When unset: `true` for client connections, `false` for listeners."
+    ],
+    load_cert_chain_from_pem_file: [
+      type: :path,
+      default: nil,
+      doc: "PEM certificate chain file (required for listeners)."
+    ],
+    load_priv_key_from_pem_file: [
+      type: :path,
+      default: nil,
+      doc: "PEM private key file matching the certificate (required for listeners)."
+    ],
+    load_verify_locations_from_file: [
+      type: :path,
+      default: nil,
+      doc: "PEM file of trusted CA certificates."
+    ],
+    load_verify_locations_from_directory: [
+      type: :path,
+      default: nil,
+      doc: "Directory of trusted CA certificates."
+    ],
+    grease: [type: :boolean, default: nil, doc: "Send GREASE values (quiche default true)."],
+    log_keys: [
+      type: :boolean,
+      default: false,
+      doc: "Write TLS secrets to the file named by `SSLKEYLOGFILE` (for Wireshark)."
+    ],
+    enable_early_data: [type: :boolean, default: false, doc: "Accept and send 0-RTT data."],
+    discover_pmtu: [
+      type: :boolean,
+      default: nil,
+      doc: "Path MTU discovery (quiche default false)."
+    ],
+    max_connection_window: [
+      type: {:integer, 1, 4_611_686_018_427_387_903},
+      default: nil,
+      doc: "Largest connection flow-control window auto-tuning may reach, in bytes."
+    ],
+    max_stream_window: [
+      type: {:integer, 1, 4_611_686_018_427_387_903},
+      default: nil,
+      doc: "Largest stream flow-control window auto-tuning may reach, in bytes."
+    ],
+    max_amplification_factor: [
+      type: {:integer, 1, 1000},
+      default: nil,
+      doc: "Anti-amplification factor before address validation (quiche default 3)."
+    ],
+    initial_congestion_window_packets: [
+      type: {:integer, 1, 100_000},
+      default: nil,
+      doc: "Initial congestion window, in packets (quiche default 10)."
+    ],
+    ticket_key: [
+      type: :ticket_key,
+      default: nil,
+      doc: "48-byte key for TLS session tickets (servers sharing tickets use the same key)."
+    ]
+  ]
+
+  @option_docs Quichex.Config.Schema.docs(@schema)
+
+  @moduledoc """
+  QUIC configuration: plain Elixir data, validated when built, turned into a
+  `quiche::Config` by the NIF when a connection or listener starts.
+
+  Two equivalent forms:
+
+      iex> config = Quichex.Config.new(application_protos: ["echo"], max_idle_timeout: 5_000)
+      iex> Quichex.Config.get(config, :max_idle_timeout)
+      5000
+
+      iex> config =
+      ...>   Quichex.Config.new()
+      ...>   |> Quichex.Config.set_application_protos(["echo"])
+      ...>   |> Quichex.Config.set_cc_algorithm(:bbr2)
+      iex> Quichex.Config.get(config, :cc_algorithm)
+      :bbr2
+
+  Every setter is `set_<option>/2`, except the TLS file options, whose
+  setters carry quiche's names (`load_cert_chain_from_pem_file/2`, ...).
+  A bad value raises `ArgumentError` naming the option and what it expected.
+
+  TLS files are read when a connection or listener starts (or by `check/1`):
+  a missing file, bad PEM or a key that does not match the certificate is
+  returned as `{:error, %Quichex.TransportError{reason: {:tls_file, option, path}}}`.
+
+  ## Options
+
+  #{@option_docs}
+  """
+
+  alias Quichex.Config.Schema
+
+  defstruct options: %{}
+
+  @typedoc "A validated configuration. Read it with `get/2`; change it with the setters."
+  @type t :: %__MODULE__{options: %{optional(atom()) => term()}}
+
+  @doc false
+  def __schema__, do: @schema
+
+  @doc """
+  Returns a config with the library defaults, then applies `opts`.
+
+  Raises `ArgumentError` for an unknown option or a bad value.
+
+      iex> Quichex.Config.new(initial_max_streams_bidi: 10) |> Quichex.Config.get(:initial_max_streams_bidi)
+      10
+  """
+  @spec new(keyword()) :: t()
+  def new(opts \\ []) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "Quichex.Config.new/1 expects a keyword list, got: #{inspect(opts)}"
+    end
+
+    opts = Keyword.validate!(opts, Keyword.keys(@schema))
+    Enum.reduce(opts, %__MODULE__{}, fn {key, value}, config -> put(config, key, value) end)
+  end
+
+  @doc """
+  Returns an option's value (its default when it was never set).
+
+      iex> Quichex.Config.new() |> Quichex.Config.get(:cc_algorithm)
+      :cubic
+  """
+  @spec get(t(), atom()) :: term()
+  def get(%__MODULE__{options: options}, key) when is_atom(key) do
+    case Map.fetch(options, key) do
+      {:ok, value} -> value
+      :error -> Keyword.fetch!(@schema, key)[:default]
+    end
+  end
+
+  @doc """
+  Sets one option by name, validating it.
+
+      iex> Quichex.Config.new() |> Quichex.Config.put(:grease, false) |> Quichex.Config.get(:grease)
+      false
+  """
+  @spec put(t(), atom(), term()) :: t()
+  def put(%__MODULE__{} = config, key, value) do
+    spec =
+      case Keyword.fetch(@schema, key) do
+        {:ok, spec} -> spec
+        :error -> raise ArgumentError, "unknown Quichex.Config option #{inspect(key)}"
+      end
+
+    Schema.validate!(key, spec[:type], value)
+    %{config | options: Map.put(config.options, key, value)}
+  end
+
+  for {name, spec} <- @schema do
+    setter =
+      case Atom.to_string(name) do
+        "load_" <> _ = fun -> String.to_atom(fun)
+        fun -> String.to_atom("set_" <> fun)
+      end
+
+    @doc "Sets `#{inspect(name)}`: #{spec[:doc]}"
+    @spec unquote(setter)(t(), term()) :: t()
+    def unquote(setter)(%__MODULE__{} = config, value), do: put(config, unquote(name), value)
+  end
+
+  @doc """
+  Builds the config in the NIF now, reading its TLS files, to learn of
+  problems before a connection or listener starts.
+
+      iex> Quichex.Config.new(application_protos: ["x"]) |> Quichex.Config.check()
+      :ok
+  """
+  @spec check(t(), :client | :server) :: :ok | {:error, Quichex.TransportError.t()}
+  def check(%__MODULE__{} = config, role \\ :client) do
+    with {:ok, _native} <- build(config, role), do: :ok
+  end
+
+  @doc false
+  # Builds the native quiche config for a client or a server.
+  @spec build(t(), :client | :server) :: {:ok, reference()} | {:error, Quichex.TransportError.t()}
+  def build(%__MODULE__{} = config, role) when role in [:client, :server] do
+    case Quichex.Native.config_build(to_native(config, role)) do
+      {:ok, native} -> {:ok, native}
+      {:error, reason} -> {:error, Quichex.TransportError.exception(reason: reason)}
+    end
+  end
+
+  @doc false
+  # The `[{name, value}]` list the NIF decodes: every option that is set or
+  # has a library default, with role-dependent defaults resolved.
+  def to_native(%__MODULE__{} = config, role) do
+    dgram =
+      {:enable_dgram,
+       {get(config, :enable_dgram), get(config, :dgram_recv_queue_len),
+        get(config, :dgram_send_queue_len)}}
+
+    verify =
+      case get(config, :verify_peer) do
+        nil -> role == :client
+        value -> value
+      end
+
+    skip = [:enable_dgram, :dgram_recv_queue_len, :dgram_send_queue_len, :verify_peer]
+
+    plain =
+      for {name, _spec} <- @schema, name not in skip, {:ok, value} <- [fetch_set(config, name)] do
+        {name, value}
+      end
+
+    [dgram, {:verify_peer, verify} | plain]
+  end
+
+  defp fetch_set(config, name) do
+    case get(config, name) do
+      nil -> :error
+      value -> {:ok, value}
+    end
+  end
+
+  @doc """
+  Returns the options as a keyword list with defaults filled in.
+
+      iex> Quichex.Config.new() |> Quichex.Config.to_list() |> Keyword.fetch!(:max_idle_timeout)
+      30000
+  """
+  @spec to_list(t()) :: keyword()
+  def to_list(%__MODULE__{} = config) do
+    for {name, _} <- @schema, do: {name, get(config, name)}
+  end
+end

@@ -1,0 +1,230 @@
+defmodule Quichex.Listener do
+  @listener_schema [
+    port: [type: {:integer, 0, 65535}, default: 0, doc: "UDP port (0 picks a free one)."],
+    ip: [
+      type: :any,
+      default: {0, 0, 0, 0},
+      doc: "IP tuple to bind, e.g. `{127, 0, 0, 1}` or `{0, 0, 0, 0, 0, 0, 0, 1}`."
+    ],
+    config: [
+      type: {:struct, Quichex.Config},
+      required: true,
+      doc:
+        "A `Quichex.Config` with `application_protos`, a certificate chain and its private key."
+    ],
+    active: [
+      type: :boolean,
+      default: true,
+      doc:
+        "Without a handler: send `{:quic_connection, listener, conn, peer}` to the parent, which becomes the controlling process."
+    ],
+    handler: [
+      type: :atom,
+      default: nil,
+      doc: "A module that does `use Quichex.Handler`; each connection and stream is served by it."
+    ],
+    handler_options: [type: :any, default: [], doc: "The handler's initial state."],
+    max_connections: [
+      type: :pos_integer,
+      default: 10_000,
+      doc: "Connections at once; new Initials beyond it are dropped (counted as `refused`)."
+    ],
+    retry: [
+      type: :boolean,
+      default: false,
+      doc: "Validate client addresses with stateless Retry tokens before accepting."
+    ],
+    retry_token_lifetime: [
+      type: :pos_integer,
+      default: 10_000,
+      doc: "How long a Retry token stays valid, in milliseconds."
+    ],
+    handshake_timeout: [
+      type: :timeout,
+      default: 5_000,
+      doc: "Milliseconds a connection has to finish its handshake."
+    ],
+    stream_opts: [
+      type: :any,
+      default: [],
+      doc: "Options for streams peers open, without a handler (e.g. `[active: true]`)."
+    ],
+    owner: [
+      type: :pid,
+      default: nil,
+      doc: "Process that gets connections in active mode (defaults to the caller)."
+    ]
+  ]
+
+  @moduledoc """
+  A QUIC server: a supervision tree that owns one UDP socket and the
+  connections accepted on it.
+
+  ```
+  Quichex.Listener (Supervisor, :rest_for_one)
+  ├── Quichex.Listener.Socket       reads the socket, routes datagrams by
+  │                                 destination connection ID through ETS,
+  │                                 answers Version Negotiation and Retry
+  ├── DynamicSupervisor             one Quichex.Connection per client
+  └── DynamicSupervisor             handler processes (with `:handler`)
+  ```
+
+  Connections send on the listener's socket directly; the socket process
+  only reads and routes. Each connection registers its connection IDs in the
+  routing table, and they are removed when it ends.
+
+  ## Active mode
+
+      {:ok, listener} = Quichex.Listener.start_link(port: 0, config: server_config, active: true)
+      {:ok, {_ip, port}} = Quichex.Listener.sockname(listener)
+
+      receive do
+        {:quic_connection, ^listener, conn, peer_address} -> conn
+      end
+
+  The parent (or `:owner`) becomes the controlling process of every
+  connection and receives the messages described in `Quichex.Connection`.
+
+  ## Handler mode
+
+      Quichex.Listener.start_link(port: 4433, config: server_config, handler: MyEcho)
+
+  See `Quichex.Handler`.
+
+  ## Options
+
+  #{Quichex.Config.Schema.docs(@listener_schema)}
+  """
+
+  use Supervisor
+
+  alias Quichex.Config.Schema
+
+  @doc """
+  A child spec, so a listener can live in your supervision tree:
+
+      children = [{Quichex.Listener, port: 4433, config: config, handler: MyHandler}]
+  """
+  def child_spec(opts) do
+    %{
+      id: {__MODULE__, Keyword.get(opts, :port, 0)},
+      start: {__MODULE__, :start_link, [opts]},
+      type: :supervisor
+    }
+  end
+
+  @doc """
+  Starts a listener linked to the caller. Raises `ArgumentError` for bad
+  options; returns `{:error, reason}` when the socket cannot be opened or
+  the config's TLS files cannot be loaded.
+
+      {:ok, listener} = Quichex.Listener.start_link(port: 0, ip: {127, 0, 0, 1}, config: config)
+  """
+  @spec start_link(keyword()) :: Supervisor.on_start()
+  def start_link(opts) do
+    opts = Schema.validate_opts!(opts, @listener_schema)
+    opts = %{opts | owner: opts.owner || self()}
+    config = opts.config
+
+    unless Quichex.Config.get(config, :application_protos) do
+      raise ArgumentError, "the listener config needs :application_protos"
+    end
+
+    unless Quichex.Config.get(config, :load_cert_chain_from_pem_file) &&
+             Quichex.Config.get(config, :load_priv_key_from_pem_file) do
+      raise ArgumentError,
+            "the listener config needs :load_cert_chain_from_pem_file and :load_priv_key_from_pem_file"
+    end
+
+    unless is_tuple(opts.ip) and tuple_size(opts.ip) in [4, 8] do
+      raise ArgumentError,
+            "invalid value for option :ip: expected an IP tuple, got: #{inspect(opts.ip)}"
+    end
+
+    if opts.handler do
+      case Code.ensure_loaded(opts.handler) do
+        {:module, _} ->
+          :ok
+
+        _ ->
+          raise ArgumentError,
+                "invalid value for option :handler: module #{inspect(opts.handler)} is not available"
+      end
+    end
+
+    with {:ok, native} <- Quichex.Config.build(config, :server) do
+      case Supervisor.start_link(__MODULE__, Map.put(opts, :native_config, native)) do
+        {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
+        other -> other
+      end
+    end
+  end
+
+  defp unwrap({:shutdown, reason}), do: reason
+  defp unwrap(reason), do: reason
+
+  @doc """
+  The `{ip, port}` the listener's socket is bound to.
+
+      {:ok, {{127, 0, 0, 1}, port}} = Quichex.Listener.sockname(listener)
+  """
+  @spec sockname(Supervisor.supervisor()) ::
+          {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
+  def sockname(listener), do: socket_call(listener, :sockname)
+
+  @doc """
+  Counters: `connections` (open now), `accepted`, `refused` (over
+  `max_connections`), `unroutable` and `invalid` (dropped datagrams),
+  `version_negotiation`, `retry_sent`, `retry_validated`, `invalid_token`,
+  `datagrams_received`.
+
+      {:ok, %{connections: 0}} = Quichex.Listener.stats(listener)
+  """
+  @spec stats(Supervisor.supervisor()) :: {:ok, map()} | {:error, term()}
+  def stats(listener), do: socket_call(listener, :stats)
+
+  @doc "Stops the listener and every connection it accepted."
+  @spec stop(Supervisor.supervisor(), timeout()) :: :ok
+  def stop(listener, timeout \\ 5_000) do
+    Supervisor.stop(listener, :normal, timeout)
+  catch
+    :exit, _ -> :ok
+  end
+
+  @doc false
+  def children(listener) do
+    Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
+  end
+
+  defp socket_call(listener, request) do
+    case children(listener) do
+      %{socket: pid} when is_pid(pid) -> GenServer.call(pid, request)
+      _ -> {:error, :closed}
+    end
+  catch
+    :exit, _ -> {:error, :closed}
+  end
+
+  @impl Supervisor
+  def init(opts) do
+    opts = Map.put(opts, :listener, self())
+
+    children = [
+      %{id: :socket, start: {Quichex.Listener.Socket, :start_link, [opts]}},
+      %{
+        id: :connections,
+        start:
+          {DynamicSupervisor, :start_link,
+           [[strategy: :one_for_one, max_children: opts.max_connections]]},
+        type: :supervisor
+      },
+      %{
+        id: :handlers,
+        start: {DynamicSupervisor, :start_link, [[strategy: :one_for_one]]},
+        type: :supervisor
+      }
+    ]
+
+    Supervisor.init(children, strategy: :rest_for_one, max_restarts: 0)
+  end
+end

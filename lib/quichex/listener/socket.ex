@@ -1,0 +1,318 @@
+defmodule Quichex.Listener.Socket do
+  @moduledoc false
+  # Owns a listener's UDP socket and its routing table. Reads datagrams in
+  # batches, routes each by destination connection ID (an ETS lookup) to its
+  # connection process, and handles datagrams for unknown IDs: Version
+  # Negotiation, Retry, new connections, or a silent drop.
+
+  use GenServer
+
+  import Bitwise
+
+  alias Quichex.Connection.UDP
+  alias Quichex.{Native, Telemetry}
+
+  @cid_len 16
+  @min_initial 1200
+  @quic_v1 1
+
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
+
+  ## Callbacks
+
+  @impl GenServer
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+
+    case UDP.open(opts.ip, opts.port) do
+      {:ok, socket, caps} ->
+        {:ok, local} = UDP.sockname(socket)
+        table = :ets.new(:quichex_routes, [:set, :public, read_concurrency: true])
+
+        state = %{
+          opts: opts,
+          socket: socket,
+          caps: caps,
+          local: local,
+          table: table,
+          secret: :crypto.strong_rand_bytes(32),
+          conns: %{},
+          started_at:
+            Telemetry.start(:listener, %{listener: opts.listener, local_address: local}),
+          stats: %{
+            accepted: 0,
+            refused: 0,
+            unroutable: 0,
+            invalid: 0,
+            version_negotiation: 0,
+            retry_sent: 0,
+            retry_validated: 0,
+            invalid_token: 0,
+            datagrams_received: 0
+          }
+        }
+
+        {:ok, state, {:continue, :read}}
+
+      {:error, reason} ->
+        {:stop, {:shutdown, %Quichex.TransportError{reason: {:socket, reason}}}}
+    end
+  end
+
+  @impl GenServer
+  def handle_continue(:read, state), do: {:noreply, read(state)}
+
+  @impl GenServer
+  def handle_call(:sockname, _from, state), do: {:reply, {:ok, state.local}, state}
+
+  def handle_call(:stats, _from, state) do
+    {:reply, {:ok, Map.put(state.stats, :connections, map_size(state.conns))}, state}
+  end
+
+  @impl GenServer
+  def handle_info({:"$socket", socket, :select, _}, %{socket: socket} = state) do
+    {:noreply, read(state)}
+  end
+
+  def handle_info(:read_more, state), do: {:noreply, read(state)}
+
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    case Map.pop(state.conns, ref) do
+      {nil, _} ->
+        {:noreply, state}
+
+      {cids, conns} ->
+        Enum.each(cids, &:ets.delete(state.table, &1))
+        {:noreply, %{state | conns: conns}}
+    end
+  end
+
+  def handle_info(_msg, state), do: {:noreply, state}
+
+  @impl GenServer
+  def terminate(_reason, state) do
+    :socket.close(state.socket)
+
+    Telemetry.stop(:listener, state.started_at, %{
+      listener: state.opts.listener,
+      local_address: state.local
+    })
+  end
+
+  ## Reading and routing
+
+  defp read(state) do
+    {packets, status} = UDP.read_batch(state.socket)
+    state = route(packets, state, %{})
+
+    case status do
+      :more -> send(self(), :read_more)
+      _ -> :ok
+    end
+
+    state
+  end
+
+  # Groups datagrams per connection so each gets one message per read batch.
+  defp route([], state, batches) do
+    Enum.each(batches, fn {pid, packets} -> send(pid, {:quic_packets, Enum.reverse(packets)}) end)
+    state
+  end
+
+  defp route([{from, data, seg} = packet | rest], state, batches) do
+    state = bump(state, :datagrams_received)
+
+    case dcid(data) do
+      {:ok, dcid, long?} ->
+        case :ets.lookup(state.table, dcid) do
+          [{_, pid}] ->
+            route(rest, state, Map.update(batches, pid, [packet], &[packet | &1]))
+
+          [] when long? and seg > 0 and byte_size(data) > seg ->
+            # A GRO buffer of long-header packets: handle each on its own.
+            route(split(from, data, seg) ++ rest, state, batches)
+
+          [] when long? ->
+            route(rest, unknown(from, data, state), batches)
+
+          [] ->
+            route(rest, bump(state, :unroutable), batches)
+        end
+
+      :error ->
+        route(rest, bump(state, :invalid), batches)
+    end
+  end
+
+  defp split(from, data, seg) when byte_size(data) > seg do
+    <<chunk::binary-size(seg), rest::binary>> = data
+    [{from, chunk, 0} | split(from, rest, seg)]
+  end
+
+  defp split(from, data, _seg), do: [{from, data, 0}]
+
+  defp dcid(<<first, _version::32, len, dcid::binary-size(len), _::binary>>)
+       when (first &&& 0x80) != 0 and len <= 20,
+       do: {:ok, dcid, true}
+
+  defp dcid(<<first, dcid::binary-size(@cid_len), _::binary>>) when (first &&& 0x80) == 0,
+    do: {:ok, dcid, false}
+
+  defp dcid(_), do: :error
+
+  defp unknown(from, data, state) do
+    case Native.packet_header(data, @cid_len) do
+      {:ok, {type, version, dcid, scid, token}} ->
+        cond do
+          not Native.packet_version_supported(version) ->
+            negotiate(from, data, dcid, scid, state)
+
+          type != :initial or byte_size(data) < @min_initial ->
+            bump(state, :unroutable)
+
+          map_size(state.conns) >= state.opts.max_connections ->
+            bump(state, :refused)
+
+          state.opts.retry ->
+            retry(from, data, version, dcid, scid, token, state)
+
+          true ->
+            accept(from, data, :crypto.strong_rand_bytes(@cid_len), nil, [dcid], state)
+        end
+
+      {:error, _} ->
+        bump(state, :invalid)
+    end
+  end
+
+  defp negotiate(from, data, dcid, scid, state) do
+    # Only answer datagrams large enough to be Initials (no amplification).
+    if byte_size(data) >= @min_initial do
+      {:ok, packet} = Native.packet_negotiate_version(scid, dcid)
+      _ = :socket.sendto(state.socket, packet, UDP.sockaddr(from))
+      bump(state, :version_negotiation)
+    else
+      bump(state, :unroutable)
+    end
+  end
+
+  defp retry(from, data, version, dcid, scid, nil, state) do
+    if byte_size(data) >= @min_initial do
+      new_scid = :crypto.strong_rand_bytes(@cid_len)
+      token = mint_token(state, from, dcid)
+
+      case Native.packet_retry(scid, dcid, new_scid, token, version) do
+        {:ok, packet} ->
+          _ = :socket.sendto(state.socket, packet, UDP.sockaddr(from))
+          bump(state, :retry_sent)
+
+        {:error, _} ->
+          bump(state, :invalid)
+      end
+    else
+      bump(state, :unroutable)
+    end
+  end
+
+  defp retry(from, data, _version, dcid, _scid, token, state) do
+    case validate_token(state, from, token) do
+      {:ok, odcid} ->
+        # quiche's accept uses the Retry's source CID (the client's new DCID) as ours.
+        accept(from, data, dcid, odcid, [], bump(state, :retry_validated))
+
+      :error ->
+        bump(state, :invalid_token)
+    end
+  end
+
+  defp accept(from, data, scid, odcid, extra_cids, state) do
+    {owner, handler} = owner_for(state)
+
+    args = %{
+      role: :server,
+      native_config: state.opts.native_config,
+      socket: state.socket,
+      caps: state.caps,
+      local: state.local,
+      peer: from,
+      scid: scid,
+      odcid: odcid,
+      owner: owner,
+      active: true,
+      handshake_timeout: state.opts.handshake_timeout,
+      stream_opts: state.opts.stream_opts,
+      listener: {state.opts.listener, listener_mode(state), state.table},
+      cids: [scid | extra_cids],
+      initial_packets: [{from, data, 0}],
+      handler: handler
+    }
+
+    with {:ok, sup} <- sibling(state, :connections),
+         {:ok, pid} <- DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args)) do
+      cids = [scid | extra_cids]
+      Enum.each(cids, &:ets.insert(state.table, {&1, pid}))
+      Quichex.Handler.Runner.attach(handler, pid)
+      ref = Process.monitor(pid)
+      %{bump(state, :accepted) | conns: Map.put(state.conns, ref, cids)}
+    else
+      _ ->
+        Quichex.Handler.Runner.abandon(handler)
+        bump(state, :refused)
+    end
+  end
+
+  defp listener_mode(%{opts: %{handler: nil, active: true}}), do: :active
+  defp listener_mode(%{opts: %{handler: nil}}), do: :passive
+  defp listener_mode(_state), do: :handler
+
+  defp owner_for(%{opts: %{handler: nil} = opts}), do: {opts.owner, nil}
+
+  defp owner_for(state) do
+    {:ok, sup} = sibling(state, :handlers)
+
+    handler =
+      Quichex.Handler.Runner.start_connection_handler(
+        sup,
+        state.opts.handler,
+        state.opts.handler_options
+      )
+
+    {Quichex.Handler.Runner.owner(handler) || state.opts.owner, handler}
+  end
+
+  defp sibling(state, id) do
+    case Quichex.Listener.children(state.opts.listener) do
+      %{^id => pid} when is_pid(pid) -> {:ok, pid}
+      _ -> {:error, :no_supervisor}
+    end
+  end
+
+  defp bump(state, key), do: %{state | stats: Map.update!(state.stats, key, &(&1 + 1))}
+
+  ## Retry tokens: <<expiry_ms::64, odcid_len, odcid, mac::16 bytes>>, the
+  ## MAC (HMAC-SHA256 under a per-listener secret) binds the client address.
+
+  defp mint_token(state, peer, odcid) do
+    expiry = System.system_time(:millisecond) + state.opts.retry_token_lifetime
+    body = <<expiry::64, byte_size(odcid), odcid::binary>>
+    body <> mac(state, peer, body)
+  end
+
+  defp validate_token(state, peer, token) do
+    with <<expiry::64, len, odcid::binary-size(len), tag::binary-size(16)>> <- token,
+         body = binary_part(token, 0, 9 + len),
+         true <- :crypto.hash_equals(mac(state, peer, body), tag),
+         true <- expiry >= System.system_time(:millisecond) do
+      {:ok, odcid}
+    else
+      _ -> :error
+    end
+  end
+
+  defp mac(state, {ip, port}, body) do
+    ip_bin = ip |> Tuple.to_list() |> Enum.map_join(".", &Integer.to_string/1)
+
+    :crypto.mac(:hmac, :sha256, state.secret, [ip_bin, <<port::16, @quic_v1::32>>, body])
+    |> binary_part(0, 16)
+  end
+end

@@ -1,0 +1,55 @@
+defmodule Quichex.Native do
+  @moduledoc false
+  # NIF stubs over native/quichex_nif. Every function validates its
+  # arguments in Rust and returns {:ok, _} | {:error, reason}, or raises
+  # ArgumentError when an argument cannot even be decoded.
+
+  @on_load :load_nif
+
+  @doc false
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:quichex), ~c"native/libquichex_nif")
+
+    case :erlang.load_nif(path, 0) do
+      :ok ->
+        :ok
+
+      {:error, {:reload, _}} ->
+        :ok
+
+      {:error, reason} ->
+        IO.warn("quichex: could not load the NIF at #{path}: #{inspect(reason)}")
+        :ok
+    end
+  end
+
+  defp err, do: :erlang.nif_error(:nif_not_loaded)
+
+  # config
+  def config_build(_opts), do: err()
+  def config_describe(_config), do: err()
+  def quiche_version, do: err()
+
+  # connection
+  def connection_connect(_config, _server_name, _scid, _local, _peer), do: err()
+  def connection_accept(_config, _scid, _odcid, _local, _peer), do: err()
+  def connection_recv(_conn, _packets), do: err()
+  def connection_send(_conn, _max_packets), do: err()
+  def connection_on_timeout(_conn), do: err()
+  def connection_poll(_conn), do: err()
+  def connection_close(_conn, _app?, _code, _reason), do: err()
+  def connection_stats(_conn), do: err()
+  def connection_info(_conn), do: err()
+
+  # streams
+  def connection_stream_send(_conn, _writes), do: err()
+  def connection_stream_recv(_conn, _reads), do: err()
+  def connection_stream_open(_conn, _id), do: err()
+  def connection_stream_shutdown(_conn, _id, _direction, _code), do: err()
+
+  # packets
+  def packet_header(_data, _dcid_len), do: err()
+  def packet_negotiate_version(_scid, _dcid), do: err()
+  def packet_retry(_scid, _dcid, _new_scid, _token, _version), do: err()
+  def packet_version_supported(_version), do: err()
+end

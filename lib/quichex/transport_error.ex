@@ -1,0 +1,51 @@
+defmodule Quichex.TransportError do
+  @moduledoc """
+  An error below the application: the socket, TLS or the QUIC transport.
+
+  `reason` is one of:
+
+    * `:closed` - the connection is gone (closed, or closed while the call waited)
+    * `:timeout` - the operation did not finish within its timeout
+    * `:handshake_timeout` - the handshake did not finish within `:handshake_timeout`
+    * `:idle_timeout` - the connection was idle longer than `max_idle_timeout`
+    * `:stream_limit` - the peer gave no stream credit within the timeout
+    * `{:resolve, posix}` - the host name could not be resolved (e.g. `:nxdomain`)
+    * `{:socket, posix}` - a socket call failed (e.g. `:eaddrinuse`)
+    * `{:tls_file, option, path}` - a certificate, key or CA file could not be
+      loaded: missing, not PEM, or a key that does not match the certificate
+    * `{:invalid_option, name}` - the NIF rejected a config option
+    * `{:transport, code, reason_phrase}` - a CONNECTION_CLOSE with a transport
+      error code, sent by the peer or by us; codes `0x100..0x1ff` are TLS
+      alerts (`0x178` no application protocol, `0x12a` bad certificate, ...)
+    * a quiche error atom, such as `:tls_fail`, `:crypto_fail`,
+      `:invalid_packet`, `:flow_control`, `:final_size`, `:invalid_state`,
+      `:done`, or a tagged one such as `{:invalid_stream_state, id}`
+  """
+
+  defexception [:reason]
+
+  @type t :: %__MODULE__{reason: term()}
+
+  @impl true
+  def message(%__MODULE__{reason: reason}), do: format(reason)
+
+  defp format(:closed), do: "connection closed"
+  defp format(:timeout), do: "timed out"
+  defp format(:handshake_timeout), do: "handshake timed out"
+  defp format(:idle_timeout), do: "idle timeout"
+  defp format(:stream_limit), do: "the peer allows no more streams"
+  defp format({:resolve, posix}), do: "cannot resolve host: #{:inet.format_error(posix)}"
+  defp format({:socket, posix}), do: "socket error: #{inspect(posix)}"
+
+  defp format({:tls_file, option, path}),
+    do: "cannot load #{option} from #{inspect(path)} (missing, not PEM, or key/cert mismatch)"
+
+  defp format({:invalid_option, name}), do: "invalid config option #{name}"
+
+  defp format({:transport, code, phrase}) do
+    alert = if code in 0x100..0x1FF, do: " (TLS alert #{code - 0x100})", else: ""
+    "transport error 0x#{Integer.to_string(code, 16)}#{alert}: #{inspect(phrase)}"
+  end
+
+  defp format(other), do: "QUIC error: #{inspect(other)}"
+end

@@ -1,0 +1,14 @@
+//! quichex_nif: a sans-IO NIF over cloudflare quiche.
+//!
+//! quiche never touches a socket here: Elixir feeds datagrams in and takes
+//! datagrams out. Each file holds one resource or concern.
+
+mod atoms;
+mod config;
+mod connection;
+mod error;
+mod packet;
+mod stream;
+mod util;
+
+rustler::init!("Elixir.Quichex.Native");

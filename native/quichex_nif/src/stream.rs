@@ -1,0 +1,159 @@
+//! Stream operations on a connection resource, batched: the connection
+//! process hands every pending write (or read) of one pass in one call.
+
+use rustler::{Binary, Encoder, Env, ResourceArc, Term};
+
+use crate::atoms;
+use crate::connection::ConnResource;
+use crate::error::{encode_quiche_error, Error, Result};
+use crate::util::{unit_result, MAX_VARINT};
+
+/// Most bytes one stream hands out per `connection_stream_recv` entry.
+const MAX_RECV_CHUNK: usize = 1 << 20;
+/// Most bytes all entries of one `connection_stream_recv` call hand out.
+const MAX_RECV_TOTAL: usize = 4 << 20;
+/// Most bytes one `connection_stream_send` call copies into quiche.
+const MAX_SEND_TOTAL: usize = 8 << 20;
+
+fn check_id(id: u64) -> Result<u64> {
+    if id > MAX_VARINT {
+        return Err(Error::BadArg("stream id"));
+    }
+    Ok(id)
+}
+
+/// Writes `[{id, data, fin?}]`; returns `[{id, written} | {id, {:error, reason}}]`.
+/// `written` may be less than the data's size when flow control or the
+/// send buffer is full; `:done` means nothing (not even a FIN) was taken.
+#[rustler::nif]
+fn connection_stream_send<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    writes: Vec<(u64, Binary<'a>, bool)>,
+) -> Result<Term<'a>> {
+    let mut guard = conn.lock()?;
+    let c = &mut guard.conn;
+    let mut budget = MAX_SEND_TOTAL;
+    let mut out = Vec::with_capacity(writes.len());
+    for (id, data, fin) in writes {
+        let id = check_id(id)?;
+        let bytes = data.as_slice();
+        let len = bytes.len().min(budget);
+        // Only pass FIN when the whole buffer goes in this call.
+        let fin = fin && len == bytes.len();
+        let res = if len == 0 && !fin {
+            Ok(0)
+        } else {
+            c.stream_send(id, &bytes[..len], fin)
+        };
+        let item = match res {
+            Ok(n) => {
+                budget -= n;
+                (id, n).encode(env)
+            }
+            Err(quiche::Error::Done) => (id, atoms::done()).encode(env),
+            Err(e) => (id, (atoms::error(), encode_quiche_error(env, &e))).encode(env),
+        };
+        out.push(item);
+    }
+    Ok(out.encode(env))
+}
+
+/// Reads `[{id, max_bytes}]`; returns for each stream that had something
+/// `{id, data, fin?}` or `{id, {:error, reason}}` (reset by the peer, ...).
+/// Streams with nothing to read are left out.
+#[rustler::nif]
+fn connection_stream_recv<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    reads: Vec<(u64, usize)>,
+) -> Result<Term<'a>> {
+    let mut guard = conn.lock()?;
+    let c = &mut guard.conn;
+    let mut budget = MAX_RECV_TOTAL;
+    let mut out = Vec::new();
+    for (id, max) in reads {
+        let id = check_id(id)?;
+        if budget == 0 {
+            break;
+        }
+        let want = max.clamp(1, MAX_RECV_CHUNK).min(budget);
+        let mut buf = vec![0u8; want];
+        let mut filled = 0usize;
+        let mut fin = false;
+        let mut error = None;
+        while filled < want {
+            match c.stream_recv(id, &mut buf[filled..]) {
+                Ok((n, f)) => {
+                    filled += n;
+                    if f {
+                        fin = true;
+                        break;
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                Err(quiche::Error::Done) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        budget -= filled;
+        if let Some(e) = error {
+            if filled == 0 {
+                out.push((id, (atoms::error(), encode_quiche_error(env, &e))).encode(env));
+                continue;
+            }
+        }
+        if filled > 0 || fin {
+            let data = crate::config::bytes_term(env, &buf[..filled]);
+            out.push((id, data, fin).encode(env));
+        }
+    }
+    Ok(out.encode(env))
+}
+
+/// Creates a local stream ahead of its first write so the peer's stream
+/// limit is checked now: `{:error, :stream_limit}` when there is no credit.
+#[rustler::nif]
+fn connection_stream_open(env: Env, conn: ResourceArc<ConnResource>, id: u64) -> Term {
+    let r = check_id(id).and_then(|id| {
+        conn.lock()?.conn.stream_priority(id, 127, true)?;
+        Ok(())
+    });
+    unit_result(env, r)
+}
+
+/// Shuts a direction down: `:read` sends STOP_SENDING, `:write` RESET_STREAM.
+/// Shutting a side that is already finished is `:ok`.
+#[rustler::nif]
+fn connection_stream_shutdown<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    id: u64,
+    direction: rustler::Atom,
+    code: u64,
+) -> Term<'a> {
+    unit_result(env, shutdown(&conn, id, direction, code))
+}
+
+fn shutdown(conn: &ConnResource, id: u64, direction: rustler::Atom, code: u64) -> Result<()> {
+    let id = check_id(id)?;
+    if code > MAX_VARINT {
+        return Err(Error::BadArg("error_code"));
+    }
+    let how = if direction == atoms::read() {
+        quiche::Shutdown::Read
+    } else if direction == atoms::write() {
+        quiche::Shutdown::Write
+    } else {
+        return Err(Error::BadArg("direction"));
+    };
+    match conn.lock()?.conn.stream_shutdown(id, how, code) {
+        Ok(()) | Err(quiche::Error::Done) | Err(quiche::Error::InvalidStreamState(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,100 @@
+defmodule Quichex.Test.Helpers do
+  @moduledoc false
+  # Configs, listeners and clients on loopback for tests.
+
+  import ExUnit.Assertions
+
+  @alpn "quichex-test"
+
+  def certs, do: :persistent_term.get(:quichex_test_certs)
+  def alpn, do: @alpn
+
+  def server_config(opts \\ []) do
+    c = certs()
+
+    Quichex.Config.new(
+      Keyword.merge(
+        [
+          application_protos: [@alpn],
+          load_cert_chain_from_pem_file: c.cert,
+          load_priv_key_from_pem_file: c.key
+        ],
+        opts
+      )
+    )
+  end
+
+  def client_config(opts \\ []) do
+    Quichex.Config.new(
+      Keyword.merge(
+        [application_protos: [@alpn], load_verify_locations_from_file: certs().ca],
+        opts
+      )
+    )
+  end
+
+  def start_listener(opts \\ []) do
+    {config_opts, opts} = Keyword.pop(opts, :config_opts, [])
+    opts = Keyword.merge([ip: {127, 0, 0, 1}, port: 0, config: server_config(config_opts)], opts)
+    {:ok, listener} = Quichex.Listener.start_link(opts)
+    {:ok, {_ip, port}} = Quichex.Listener.sockname(listener)
+    {listener, port}
+  end
+
+  def connect!(port, opts \\ []) do
+    {config_opts, opts} = Keyword.pop(opts, :config_opts, [])
+
+    opts =
+      Keyword.merge([host: "localhost", port: port, config: client_config(config_opts)], opts)
+
+    {:ok, conn} = Quichex.Connection.connect(opts)
+    :ok = Quichex.Connection.wait_connected(conn, timeout: 5_000)
+    conn
+  end
+
+  # Accepts one server-side connection in active mode.
+  def accept!(listener, timeout \\ 5_000) do
+    receive do
+      {:quic_connection, ^listener, conn, _peer} -> conn
+    after
+      timeout -> flunk("no connection accepted within #{timeout} ms")
+    end
+  end
+
+  # Runs a PropEr property and fails the test with its counterexample.
+  def proper!(property, numtests) do
+    result =
+      :proper.quickcheck(property, [
+        :quiet,
+        {:numtests, numtests},
+        {:on_output, fn _, _ -> :ok end}
+      ])
+
+    unless result == true do
+      flunk("property failed: #{inspect(:proper.counterexample(), limit: 20)}")
+    end
+  end
+
+  # Waits until fun returns a truthy value or the time runs out.
+  def eventually(fun, timeout \\ 5_000, step \\ 20) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+    do_eventually(fun, deadline, step)
+  end
+
+  defp do_eventually(fun, deadline, step) do
+    case fun.() do
+      result when result not in [nil, false] ->
+        result
+
+      _ ->
+        if System.monotonic_time(:millisecond) > deadline do
+          flunk("condition not met in time")
+        else
+          Process.sleep(step)
+          do_eventually(fun, deadline, step)
+        end
+    end
+  end
+
+  def random_bytes(n), do: :crypto.strong_rand_bytes(n)
+end
