@@ -588,6 +588,8 @@ defmodule Quichex.Connection do
     drive(state, handle_packets(data, packets))
   end
 
+  defp common(state, :info, :quichex_pass, data), do: drive(state, data)
+
   defp common(state, {:timeout, :quic}, :fire, data) do
     :ok = Native.connection_on_timeout(data.native)
     drive(state, data)
@@ -1104,7 +1106,10 @@ defmodule Quichex.Connection do
   defp read_streams(data, []), do: data
 
   defp read_streams(data, reads) do
-    {:ok, results} = Native.connection_stream_recv(data.native, reads)
+    {:ok, {results, more?}} = Native.connection_stream_recv(data.native, reads)
+    # The NIF bounds its work per call; come back for the rest after the
+    # events already queued.
+    if more?, do: send(self(), :quichex_pass)
 
     Enum.reduce(results, data, fn
       {id, {:error, reason}}, acc ->

@@ -150,5 +150,4 @@ defmodule Quichex.NativeTest do
     assert {:ok, _} = Native.connection_recv(conn, [{local, :crypto.strong_rand_bytes(1200), 0}])
     assert {:ok, %{is_closed: false}} = Native.connection_info(conn)
   end
-
 end

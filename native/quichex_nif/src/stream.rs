@@ -41,10 +41,16 @@ fn connection_stream_send<'a>(
         let len = bytes.len().min(budget);
         // Only pass FIN when the whole buffer goes in this call.
         let fin = fin && len == bytes.len();
-        let res = if len == 0 && !fin {
-            Ok(0)
-        } else {
-            c.stream_send(id, &bytes[..len], fin)
+        let res = match (len, fin) {
+            (0, false) => Ok(0),
+            // quiche applies an empty FIN and then reports Done when the
+            // connection has send capacity (sent == 0 && cap > 0): the FIN
+            // is taken. Writing it again would queue a second FIN frame.
+            (0, true) => match c.stream_send(id, &[], true) {
+                Err(quiche::Error::Done) => Ok(0),
+                other => other,
+            },
+            _ => c.stream_send(id, &bytes[..len], fin),
         };
         let item = match res {
             Ok(n) => {
@@ -59,9 +65,11 @@ fn connection_stream_send<'a>(
     Ok(out.encode(env))
 }
 
-/// Reads `[{id, max_bytes}]`; returns for each stream that had something
-/// `{id, data, fin?}` or `{id, {:error, reason}}` (reset by the peer, ...).
-/// Streams with nothing to read are left out.
+/// Reads `[{id, max_bytes}]`; returns `{results, more?}` where results hold,
+/// for each stream that had something, `{id, data, fin?}` or
+/// `{id, {:error, reason}}` (reset by the peer, ...); streams with nothing to
+/// read are left out. `more?` is true when the call's byte budget ran out
+/// before every stream was served: call again.
 #[rustler::nif]
 fn connection_stream_recv<'a>(
     env: Env<'a>,
@@ -72,9 +80,11 @@ fn connection_stream_recv<'a>(
     let c = &mut guard.conn;
     let mut budget = MAX_RECV_TOTAL;
     let mut out = Vec::new();
+    let mut more = false;
     for (id, max) in reads {
         let id = check_id(id)?;
         if budget == 0 {
+            more = true;
             break;
         }
         let want = max.clamp(1, MAX_RECV_CHUNK).min(budget);
@@ -113,7 +123,7 @@ fn connection_stream_recv<'a>(
             out.push((id, data, fin).encode(env));
         }
     }
-    Ok(out.encode(env))
+    Ok((out, more).encode(env))
 }
 
 /// Creates a local stream ahead of its first write so the peer's stream

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""QUIC echo server on aioquic, a foreign peer for Quichex's interop tests.
+
+Bidi streams are echoed byte for byte (FIN answered with FIN). A client uni
+stream is buffered until its FIN, then sent back on a new server uni stream.
+
+stdout (one line each, flushed): `LISTENING <port>` once bound,
+`CONNECTED <alpn>` per completed handshake, `CLOSED <code> <reason>` per
+connection the peer closed. Exits when killed or when stdin reaches EOF.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import stat
+import sys
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    StreamDataReceived,
+    StreamReset,
+)
+from aioquic.tls import CipherSuite
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class EchoServerProtocol(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._uni: dict[int, bytearray] = {}  # client uni stream -> bytes so far
+
+    def quic_event_received(self, event) -> None:
+        if isinstance(event, HandshakeCompleted):
+            say(f"CONNECTED {event.alpn_protocol}")
+        elif isinstance(event, StreamDataReceived):
+            sid = event.stream_id
+            if sid & 2 == 0:  # bidirectional: echo on the same stream
+                self._quic.send_stream_data(sid, event.data, event.end_stream)
+            else:  # unidirectional: answer on a new stream after FIN
+                buf = self._uni.setdefault(sid, bytearray())
+                buf += event.data
+                if event.end_stream:
+                    del self._uni[sid]
+                    out = self._quic.get_next_available_stream_id(is_unidirectional=True)
+                    self._quic.send_stream_data(out, bytes(buf), end_stream=True)
+        elif isinstance(event, StreamReset):
+            self._uni.pop(event.stream_id, None)
+        elif isinstance(event, ConnectionTerminated):
+            # aioquic reports its own idle timeout with this exact reason.
+            if event.reason_phrase != "Idle timeout" or event.frame_type != 0:
+                reason = event.reason_phrase.replace("\n", " ")
+                say(f"CLOSED {event.error_code} {reason}")
+
+
+async def stdin_eof() -> None:
+    """Return when stdin reaches EOF. A stdin that cannot be polled
+    (/dev/null, a regular file) is not watched: serve until killed."""
+    mode = os.fstat(0).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(0)):
+        await asyncio.Event().wait()
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(65536):
+        pass
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=args.alpn or ["quichex-echo"],
+        idle_timeout=args.idle_timeout,
+    )
+    config.load_cert_chain(args.cert, args.key)
+    if args.chacha20:
+        config.cipher_suites = [CipherSuite.CHACHA20_POLY1305_SHA256]
+    server = await serve(
+        args.host,
+        args.port,
+        configuration=config,
+        create_protocol=EchoServerProtocol,
+        retry=args.retry,
+    )
+    say(f"LISTENING {server._transport.get_extra_info('sockname')[1]}")
+    try:
+        await stdin_eof()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    logging.getLogger("quic").setLevel(logging.CRITICAL)  # aioquic logs closes as errors
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--alpn", action="append", help="repeatable (default quichex-echo)")
+    parser.add_argument("--retry", action="store_true", help="validate addresses with Retry")
+    parser.add_argument("--idle-timeout", type=float, default=30.0)
+    parser.add_argument("--chacha20", action="store_true", help="accept only ChaCha20-Poly1305")
+    try:
+        asyncio.run(main(parser.parse_args()))
+    except KeyboardInterrupt:
+        pass
