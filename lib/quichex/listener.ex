@@ -104,6 +104,10 @@ defmodule Quichex.Listener do
   A child spec, so a listener can live in your supervision tree:
 
       children = [{Quichex.Listener, port: 4433, config: config, handler: MyHandler}]
+
+  Under a supervisor, use `:handler`, or pass `:owner` in active mode: the
+  default owner is the process that starts the listener, which is then the
+  supervisor.
   """
   def child_spec(opts) do
     %{
@@ -173,7 +177,8 @@ defmodule Quichex.Listener do
   def sockname(listener), do: socket_call(listener, :sockname)
 
   @doc """
-  Counters: `connections` (open now), `accepted`, `refused` (over
+  Counters: `connections` (open now), `routes` (connection IDs in the
+  routing table), `accepted`, `refused` (over
   `max_connections`), `unroutable` and `invalid` (dropped datagrams),
   `version_negotiation`, `retry_sent`, `retry_validated`, `invalid_token`,
   `datagrams_received`.

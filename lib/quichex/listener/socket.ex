@@ -66,7 +66,13 @@ defmodule Quichex.Listener.Socket do
   def handle_call(:sockname, _from, state), do: {:reply, {:ok, state.local}, state}
 
   def handle_call(:stats, _from, state) do
-    {:reply, {:ok, Map.put(state.stats, :connections, map_size(state.conns))}, state}
+    stats =
+      Map.merge(state.stats, %{
+        connections: map_size(state.conns),
+        routes: :ets.info(state.table, :size)
+      })
+
+    {:reply, {:ok, stats}, state}
   end
 
   @impl GenServer
@@ -187,16 +193,18 @@ defmodule Quichex.Listener.Socket do
 
   defp negotiate(from, data, dcid, scid, state) do
     # Only answer datagrams large enough to be Initials (no amplification).
-    if byte_size(data) >= @min_initial do
-      {:ok, packet} = Native.packet_negotiate_version(scid, dcid)
+    with true <- byte_size(data) >= @min_initial,
+         {:ok, packet} <- Native.packet_negotiate_version(scid, dcid) do
       _ = :socket.sendto(state.socket, packet, UDP.sockaddr(from))
       bump(state, :version_negotiation)
     else
-      bump(state, :unroutable)
+      # Too small to answer, or connection IDs longer than QUIC v1 allows.
+      _ -> bump(state, :unroutable)
     end
   end
 
-  defp retry(from, data, version, dcid, scid, nil, state) do
+  # quiche parses an Initial without a token as an empty token.
+  defp retry(from, data, version, dcid, scid, token, state) when token in [nil, ""] do
     if byte_size(data) >= @min_initial do
       new_scid = :crypto.strong_rand_bytes(@cid_len)
       token = mint_token(state, from, dcid)

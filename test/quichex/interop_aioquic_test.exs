@@ -1,0 +1,215 @@
+defmodule Quichex.InteropAioquicTest do
+  # Interop with aioquic, a foreign QUIC implementation, through the peers in
+  # integration/peers (run from the venv that `make deps-python` creates).
+  use ExUnit.Case, async: false
+
+  import Quichex.Test.Helpers
+  import Quichex.Test.Interop
+
+  alias Quichex.{ApplicationError, Connection, Listener, TransportError}
+
+  @moduletag :interop
+
+  defmodule Echo do
+    # Bidi: echo on the same stream, FIN on FIN. Uni: collect until FIN, then
+    # send it all back on a new unidirectional stream of ours.
+    use Quichex.Handler
+
+    @impl Quichex.Handler
+    def handle_stream_open(stream, _opts) do
+      {:ok, %{direction: dir, connection: conn}} = Quichex.Stream.info(stream)
+      {:continue, %{direction: dir, conn: conn, acc: []}}
+    end
+
+    @impl Quichex.Handler
+    def handle_data(data, stream, %{direction: :bidirectional} = state) do
+      :ok = Quichex.Stream.send(stream, data, timeout: 10_000)
+      {:continue, state}
+    end
+
+    def handle_data(data, _stream, %{direction: :unidirectional} = state) do
+      {:continue, %{state | acc: [state.acc | data]}}
+    end
+
+    @impl Quichex.Handler
+    def handle_fin(stream, %{direction: :bidirectional} = state) do
+      :ok = Quichex.Stream.close(stream)
+      {:close, state}
+    end
+
+    def handle_fin(_stream, %{direction: :unidirectional} = state) do
+      {:ok, out} = Connection.open_stream(state.conn, :unidirectional)
+      :ok = Quichex.Stream.send(out, state.acc, fin: true, timeout: 10_000)
+      {:close, state}
+    end
+  end
+
+  setup_all do
+    %{python: python!()}
+  end
+
+  describe "Quichex client -> aioquic server" do
+    test "handshake, bidi and uni echo, application close", %{python: python} do
+      {server, port} = start_server!(python, ["--alpn", alpn()])
+      conn = connect!(port)
+      assert_receive {:quic_connected, ^conn}, 1_000
+      await_line(server, ~r/^CONNECTED quichex-test$/)
+
+      assert {:ok, %{alpn: "quichex-test", is_server: false, retry: false}} =
+               Connection.info(conn)
+
+      # Bidirectional: 1 MB sent from a task while this process reads the echo.
+      payload = random_bytes(1_000_000)
+      {:ok, bidi} = Connection.open_stream(conn, :bidirectional)
+
+      sender =
+        Task.async(fn -> Quichex.Stream.send(bidi, payload, fin: true, timeout: 10_000) end)
+
+      assert recv_all(bidi) == payload
+      assert Task.await(sender, 11_000) == :ok
+
+      # Unidirectional: the echo comes back on a stream the server opens.
+      uni_payload = random_bytes(100_000)
+      {:ok, uni} = Connection.open_stream(conn, :unidirectional)
+      assert :ok = Quichex.Stream.send(uni, uni_payload, fin: true, timeout: 5_000)
+
+      assert_receive {:quic_stream_opened, ^conn, echo, :unidirectional}, 5_000
+
+      assert {:ok, %{initiator: :remote, direction: :unidirectional, id: id}} =
+               Quichex.Stream.info(echo)
+
+      # Server-initiated unidirectional ids are 3 mod 4.
+      assert Bitwise.band(id, 3) == 3
+      assert recv_all(echo) == uni_payload
+
+      :ok = Connection.close(conn, error_code: 42, reason: "bye")
+      assert_receive {:quic_connection_closed, ^conn, 42, :local}, 1_000
+      await_line(server, ~r/^CLOSED 42 bye$/)
+    end
+
+    test "handshake through a Retry", %{python: python} do
+      {server, port} = start_server!(python, ["--alpn", alpn(), "--retry"])
+      conn = connect!(port)
+      await_line(server, ~r/^CONNECTED quichex-test$/)
+      assert {:ok, %{alpn: "quichex-test", retry: true}} = Connection.info(conn)
+
+      # The connection works after the Retry.
+      {:ok, stream} = Connection.open_stream(conn, :bidirectional)
+      :ok = Quichex.Stream.send(stream, "after retry", fin: true)
+      assert recv_all(stream) == "after retry"
+
+      :ok = Connection.close(conn, error_code: 0, reason: "done")
+      await_line(server, ~r/^CLOSED 0 done$/)
+    end
+
+    test "an ALPN the server does not speak fails the handshake", %{python: python} do
+      {server, port} = start_server!(python, ["--alpn", alpn()])
+
+      {:ok, conn} =
+        Connection.connect(
+          host: "localhost",
+          port: port,
+          config: client_config(application_protos: ["nope"])
+        )
+
+      assert {:error, %TransportError{} = error} = Connection.wait_connected(conn, timeout: 5_000)
+      # no_application_protocol alert (0x100 + 120), sent by aioquic.
+      assert {:transport, 0x178, _phrase} = error.reason
+      assert_receive {:quic_connection_error, ^conn, %TransportError{}}, 1_000
+      await_line(server, ~r/^CLOSED 376 /)
+      refute_received {:quic_connected, ^conn}
+    end
+  end
+
+  describe "aioquic client -> Quichex listener" do
+    test "echoes 8 bidi and 2 uni streams of 200 kB", %{python: python} do
+      {listener, port} = start_listener(handler: Echo)
+
+      assert {0, result} =
+               run_client!(python, port, [
+                 "--alpn",
+                 alpn(),
+                 "--streams",
+                 "8",
+                 "--uni",
+                 "2",
+                 "--size",
+                 "200000"
+               ])
+
+      assert %{ok: true, alpn: "quichex-test", bidi: 8, uni: 2, bytes: 2_000_000, error: nil} =
+               result
+
+      # The client's CONNECTION_CLOSE ends the connection on our side too.
+      eventually(fn -> match?({:ok, %{connections: 0, accepted: 1}}, Listener.stats(listener)) end)
+    end
+
+    test "handshake and close only: the peer's code and reason reach us", %{python: python} do
+      {listener, port} = start_listener(active: true)
+
+      assert {0, %{ok: true, alpn: "quichex-test", bidi: 0, uni: 0, error: nil}} =
+               run_client!(python, port, [
+                 "--alpn",
+                 alpn(),
+                 "--streams",
+                 "0",
+                 "--close-code",
+                 "7",
+                 "--close-reason",
+                 "done"
+               ])
+
+      conn = accept!(listener, 1_000)
+
+      assert_receive {:quic_connection_closed, ^conn, 7,
+                      %ApplicationError{code: 7, reason: :connection_close, phrase: "done"}},
+                     2_000
+    end
+
+    test "a listener with retry: true validates the client's address", %{python: python} do
+      {listener, port} = start_listener(handler: Echo, retry: true)
+
+      assert {0, %{ok: true, alpn: "quichex-test", bidi: 1, error: nil}} =
+               run_client!(python, port, ["--alpn", alpn(), "--streams", "1", "--size", "5000"])
+
+      {:ok, stats} = Listener.stats(listener)
+      assert stats.retry_sent >= 1
+      assert stats.retry_validated >= 1
+      assert stats.invalid_token == 0
+      assert stats.accepted == 1
+    end
+  end
+
+  # Reads a passive stream until FIN.
+  defp recv_all(stream, acc \\ []) do
+    case Quichex.Stream.recv(stream, length: 0, timeout: 5_000) do
+      {:ok, data, true} ->
+        IO.iodata_to_binary([acc | data])
+
+      {:ok, data, false} ->
+        recv_all(stream, [acc | data])
+
+      {:error, reason} ->
+        flunk("recv failed after #{IO.iodata_length(acc)} bytes: #{inspect(reason)}")
+    end
+  end
+end
+
+defmodule Quichex.InteropDebugTest do
+  use ExUnit.Case, async: false
+  import Quichex.Test.Helpers
+  import Quichex.Test.Interop
+
+  @tag :debug
+  test "debug retry" do
+    python = python!()
+    {listener, port} = start_listener(retry: true)
+    r = run_client!(python, port, ["--alpn", alpn(), "--streams", "0"], 3000)
+    IO.inspect(r, label: "aioquic")
+    IO.inspect(Quichex.Listener.stats(listener), label: "stats")
+    receive do m -> IO.inspect(m, label: "msg") after 500 -> :ok end
+    conn = connect!(port)
+    IO.inspect(Quichex.Connection.info(conn), label: "ours")
+    IO.inspect(Quichex.Listener.stats(listener), label: "stats")
+  end
+end
