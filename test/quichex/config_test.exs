@@ -209,7 +209,7 @@ defmodule Quichex.ConfigTest do
     opts = :proper_types.list(:proper_types.tuple([:proper_types.elements(names), value]))
 
     property =
-      :proper.forall(opts, fn opts ->
+      forall(opts, fn opts ->
         try do
           config = Config.new(opts)
           # Whatever Elixir accepts, the NIF accepts too (no TLS files here).

@@ -81,7 +81,7 @@ defmodule Quichex.NativeTest do
     gen = term_gen(config, conn)
 
     property =
-      :proper.forall(
+      forall(
         :proper_types.tuple([:proper_types.elements(@nifs), :proper_types.vector(5, gen)]),
         fn {{name, arity}, args} ->
           try do

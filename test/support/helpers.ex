@@ -61,6 +61,24 @@ defmodule Quichex.Test.Helpers do
     end
   end
 
+  # PropEr's forall, with exceptions turned into a failed case that says
+  # why (Debian's PropEr 1.2 cannot report exceptions itself on OTP 25).
+  def forall(generator, fun) do
+    :proper.forall(generator, fn value ->
+      try do
+        fun.(value)
+      rescue
+        error ->
+          IO.puts("property raised: " <> Exception.format(:error, error, __STACKTRACE__))
+          false
+      catch
+        kind, reason ->
+          IO.puts("property raised: " <> Exception.format(kind, reason, __STACKTRACE__))
+          false
+      end
+    end)
+  end
+
   # Runs a PropEr property and fails the test with its counterexample.
   def proper!(property, numtests) do
     result =

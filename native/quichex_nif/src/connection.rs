@@ -28,6 +28,7 @@ pub struct ConnInner {
     pub local: SocketAddr,
     scratch: Vec<u8>,
     stopped_reported: HashSet<u64>,
+    stopped_seen: u64,
 }
 
 pub struct ConnResource {
@@ -50,6 +51,7 @@ fn new_resource(conn: quiche::Connection, local: SocketAddr) -> ResourceArc<Conn
             local,
             scratch: Vec::new(),
             stopped_reported: HashSet::new(),
+            stopped_seen: 0,
         }),
     })
 }
@@ -248,11 +250,23 @@ fn connection_poll<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<
     let inner = &mut *guard;
     let c = &mut inner.conn;
     let readable: Vec<u64> = c.readable().collect();
+    // STOP_SENDING: quiche marks a stopped stream writable. Scan the writable
+    // set only when its counter says a new one arrived; never drain it with
+    // stream_writable_next(), which would break quiche's own bookkeeping.
     let mut stopped: Vec<(u64, u64)> = Vec::new();
-    while let Some(id) = c.stream_writable_next() {
-        if let Err(quiche::Error::StreamStopped(code)) = c.stream_capacity(id) {
-            if inner.stopped_reported.insert(id) {
-                stopped.push((id, code));
+    let stopped_count = c.stats().stopped_stream_count_remote;
+    if stopped_count > inner.stopped_seen {
+        let ids: Vec<u64> = c.writable().collect();
+        // writable() is empty while the connection has no send capacity:
+        // look again on a later pass then.
+        if !ids.is_empty() {
+            inner.stopped_seen = stopped_count;
+        }
+        for id in ids {
+            if let Err(quiche::Error::StreamStopped(code)) = c.stream_capacity(id) {
+                if inner.stopped_reported.insert(id) {
+                    stopped.push((id, code));
+                }
             }
         }
     }
