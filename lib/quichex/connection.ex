@@ -120,6 +120,7 @@ defmodule Quichex.Connection do
   @drain_cap_ms 3_000
   # Peer-opened stream ids per type, low-water mark pruning (see closed_peer/2).
   @owner_down_code 0
+  @fin_grace_ms 50
 
   ## Public API
 
@@ -477,6 +478,7 @@ defmodule Quichex.Connection do
       close_reason: nil,
       close_code: 0,
       local_close: false,
+      last_recv_at: 0,
       # streams
       streams: %{},
       stream_ids: %{},
@@ -672,7 +674,7 @@ defmodule Quichex.Connection do
 
   defp handle_packets(data, packets) do
     {:ok, _accepted} = Native.connection_recv(data.native, packets)
-    data
+    %{data | last_recv_at: System.monotonic_time(:millisecond)}
   end
 
   # One pass after any input: dispatch what quiche reports, flush output,
@@ -1198,7 +1200,7 @@ defmodule Quichex.Connection do
         ms -> :erlang.start_timer(ms, self(), {:send_timeout, id, ref})
       end
 
-    entry = %{ref: ref, data: bin, fin: fin, timer: timer}
+    entry = %{ref: ref, data: bin, fin: fin, timer: timer, fin_wait: nil}
     write_pending(%{data | pending: Map.put(data.pending, id, entry)})
   end
 
@@ -1229,12 +1231,18 @@ defmodule Quichex.Connection do
   defp write_pending(%{pending: pending} = data) when map_size(pending) == 0, do: data
 
   defp write_pending(data) do
-    writes = for {id, %{data: bin, fin: fin}} <- data.pending, do: {id, bin, fin}
+    now = System.monotonic_time(:millisecond)
+
+    writes =
+      for {id, %{data: bin, fin: fin} = entry} <- data.pending do
+        {id, bin, fin, force_fin?(entry, data, now)}
+      end
+
     {:ok, results} = Native.connection_stream_send(data.native, writes)
 
     Enum.reduce(results, data, fn
-      {_id, :done}, acc ->
-        acc
+      {id, :done}, acc ->
+        defer_fin(acc, id, now)
 
       {id, {:error, reason}}, acc ->
         fail_pending(acc, id, {:error, send_error(reason)})
@@ -1252,6 +1260,30 @@ defmodule Quichex.Connection do
         end
     end)
   end
+
+  # An empty FIN waits for a pass where quiche's send capacity is exact (the
+  # NIF answers :done otherwise; see write_empty_fin in connection.rs). If no
+  # packet arrives for @fin_grace_ms, nothing is in flight and it is forced.
+  defp defer_fin(data, id, now) do
+    case data.pending[id] do
+      %{data: "", fin: true, fin_wait: nil} = entry ->
+        Process.send_after(self(), :quichex_pass, @fin_grace_ms + 1)
+        %{data | pending: Map.put(data.pending, id, %{entry | fin_wait: now})}
+
+      %{data: "", fin: true} ->
+        Process.send_after(self(), :quichex_pass, @fin_grace_ms + 1)
+        data
+
+      _ ->
+        data
+    end
+  end
+
+  defp force_fin?(%{fin_wait: since}, data, now) when is_integer(since) do
+    now - since >= @fin_grace_ms and data.last_recv_at <= since
+  end
+
+  defp force_fin?(_entry, _data, _now), do: false
 
   defp send_error({:stream_stopped, code}), do: {:stopped, code}
   defp send_error({:stream_reset, code}), do: {:reset, code}

@@ -29,6 +29,12 @@ pub struct ConnInner {
     scratch: Vec<u8>,
     stopped_reported: HashSet<u64>,
     stopped_seen: u64,
+    /// Streams whose empty FIN is written once more after the next send pass.
+    fin_repoke: Vec<u64>,
+    /// Empty FINs written since the last send pass.
+    pub fins_this_pass: usize,
+    /// quiche's send capacity is exact (a recv happened since the last send).
+    tx_fresh: bool,
 }
 
 pub struct ConnResource {
@@ -52,6 +58,9 @@ fn new_resource(conn: quiche::Connection, local: SocketAddr) -> ResourceArc<Conn
             scratch: Vec::new(),
             stopped_reported: HashSet::new(),
             stopped_seen: 0,
+            fin_repoke: Vec::new(),
+            fins_this_pass: 0,
+            tx_fresh: false,
         }),
     })
 }
@@ -76,6 +85,50 @@ fn maybe_keylog(conn: &mut quiche::Connection, config: &ConfigResource) {
         {
             conn.set_keylog(Box::new(file));
         }
+    }
+}
+
+/// Room (bytes of send capacity) needed before an empty FIN is written.
+const EMPTY_FIN_ROOM: usize = 64;
+
+/// Writes an empty FIN (the sending side ends after data already written).
+///
+/// quiche 0.30 has two bugs around zero-length FINs (cloudflare/quiche#2525):
+/// a stream counts as complete once its data is acked even if the FIN was
+/// never sent, so an ACK that lands between the FIN write and the next
+/// `send()` gets the stream collected and the FIN is lost; and a FIN-only
+/// stream is dropped from the flushable queue when the packet being built
+/// has no room for its header. The defences here:
+///
+/// * write the FIN only when the connection can send now: quiche refreshes
+///   its send capacity only in `recv()`, so only between a `connection_recv`
+///   and the next `connection_send` is it exact. Otherwise `Done`, and the
+///   caller retries on a later pass, or with `force` once the FIN has waited
+///   long enough that nothing should still be in flight. The caller's next
+///   step is a send pass, which builds the FIN frame before any further ACK
+///   is read;
+/// * move the stream to the front of the queue (urgency 0), so its frame is
+///   the first stream frame of the next packet;
+/// * write the FIN once more after that send pass (a duplicate FIN frame is
+///   harmless; a missing one stalls the peer).
+///
+/// What stays open: a lost packet that carried the FIN, while the data before
+/// it is acked by a later packet, is not retransmitted by quiche 0.30.
+/// Sending the FIN with the last data (`fin: true`) avoids all of this.
+pub fn write_empty_fin(inner: &mut ConnInner, id: u64, force: bool) -> quiche::Result<usize> {
+    let cap = inner.conn.stream_capacity(id)?;
+    let can_send_now = inner.tx_fresh && cap >= EMPTY_FIN_ROOM;
+    if !(force || can_send_now) {
+        return Err(quiche::Error::Done);
+    }
+    let _ = inner.conn.stream_priority(id, 0, false);
+    match inner.conn.stream_send(id, &[], true) {
+        // quiche takes the FIN, then reports Done when it had capacity.
+        Ok(_) | Err(quiche::Error::Done) => {
+            inner.fin_repoke.push(id);
+            Ok(0)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -155,6 +208,7 @@ fn connection_recv(
             }
         }
     }
+    inner.tx_fresh = true;
     Ok(accepted)
 }
 
@@ -230,6 +284,12 @@ fn connection_send<'a>(
             (encode_addr(env, &b.to), data, b.seg).encode(env)
         })
         .collect();
+    // Re-write the FINs of the previous pass (see write_empty_fin).
+    for id in std::mem::take(&mut inner.fin_repoke) {
+        let _ = inner.conn.stream_send(id, &[], true);
+    }
+    inner.fins_this_pass = 0;
+    inner.tx_fresh = false;
     let timeout = inner.conn.timeout().map(ceil_millis);
     Ok((items, more, timeout, inner.conn.is_closed()).encode(env))
 }

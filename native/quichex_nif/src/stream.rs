@@ -14,6 +14,8 @@ const MAX_RECV_CHUNK: usize = 1 << 20;
 const MAX_RECV_TOTAL: usize = 4 << 20;
 /// Most bytes one `connection_stream_send` call copies into quiche.
 const MAX_SEND_TOTAL: usize = 8 << 20;
+/// Most empty FINs written per send pass (see `write_empty_fin`).
+const MAX_EMPTY_FINS_PER_PASS: usize = 16;
 
 fn check_id(id: u64) -> Result<u64> {
     if id > MAX_VARINT {
@@ -22,20 +24,22 @@ fn check_id(id: u64) -> Result<u64> {
     Ok(id)
 }
 
-/// Writes `[{id, data, fin?}]`; returns `[{id, written} | {id, {:error, reason}}]`.
+/// Writes `[{id, data, fin?, force_fin?}]`; returns
+/// `[{id, written} | {id, :done} | {id, {:error, reason}}]`. `force_fin?`
+/// writes an empty FIN even when quiche's send capacity is stale (see
+/// `connection::write_empty_fin`).
 /// `written` may be less than the data's size when flow control or the
 /// send buffer is full; `:done` means nothing (not even a FIN) was taken.
 #[rustler::nif]
 fn connection_stream_send<'a>(
     env: Env<'a>,
     conn: ResourceArc<ConnResource>,
-    writes: Vec<(u64, Binary<'a>, bool)>,
+    writes: Vec<(u64, Binary<'a>, bool, bool)>,
 ) -> Result<Term<'a>> {
     let mut guard = conn.lock()?;
-    let c = &mut guard.conn;
     let mut budget = MAX_SEND_TOTAL;
     let mut out = Vec::with_capacity(writes.len());
-    for (id, data, fin) in writes {
+    for (id, data, fin, force_fin) in writes {
         let id = check_id(id)?;
         let bytes = data.as_slice();
         let len = bytes.len().min(budget);
@@ -46,11 +50,18 @@ fn connection_stream_send<'a>(
             // quiche applies an empty FIN and then reports Done when the
             // connection has send capacity (sent == 0 && cap > 0): the FIN
             // is taken. Writing it again would queue a second FIN frame.
-            (0, true) => match c.stream_send(id, &[], true) {
-                Err(quiche::Error::Done) => Ok(0),
-                other => other,
-            },
-            _ => c.stream_send(id, &bytes[..len], fin),
+            (0, true) => {
+                if guard.fins_this_pass >= MAX_EMPTY_FINS_PER_PASS {
+                    out.push((id, atoms::done()).encode(env));
+                    continue;
+                }
+                let res = crate::connection::write_empty_fin(&mut guard, id, force_fin);
+                if res.is_ok() {
+                    guard.fins_this_pass += 1;
+                }
+                res
+            }
+            _ => guard.conn.stream_send(id, &bytes[..len], fin),
         };
         let item = match res {
             Ok(n) => {
@@ -166,4 +177,29 @@ fn shutdown(conn: &ConnResource, id: u64, direction: rustler::Atom, code: u64) -
         Ok(()) | Err(quiche::Error::Done) | Err(quiche::Error::InvalidStreamState(_)) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// quiche's view of one stream: `{readable?, finished?, closed?, capacity}`
+/// (`finished?`: the peer's FIN was read; `capacity`: bytes writable now,
+/// or an error reason for a stopped or unknown stream).
+#[rustler::nif]
+fn connection_stream_status<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    id: u64,
+) -> Result<Term<'a>> {
+    let id = check_id(id)?;
+    let mut guard = conn.lock()?;
+    let c = &mut guard.conn;
+    let capacity = match c.stream_capacity(id) {
+        Ok(n) => n.encode(env),
+        Err(e) => (atoms::error(), encode_quiche_error(env, &e)).encode(env),
+    };
+    Ok((
+        c.stream_readable(id),
+        c.stream_finished(id),
+        c.stream_closed(id),
+        capacity,
+    )
+        .encode(env))
 }
