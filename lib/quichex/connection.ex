@@ -111,14 +111,12 @@ defmodule Quichex.Connection do
   alias Quichex.Config.Schema
   alias Quichex.Connection.UDP
 
-  require Logger
-
   @type t :: pid()
 
   @cid_len 16
   @send_budget 256
   @drain_cap_ms 3_000
-  # Peer-opened stream ids per type, low-water mark pruning (see closed_peer/2).
+  # Application error code sent when the controlling process exits.
   @owner_down_code 0
   @fin_grace_ms 50
 

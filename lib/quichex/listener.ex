@@ -145,6 +145,11 @@ defmodule Quichex.Listener do
             "invalid value for option :ip: expected an IP tuple, got: #{inspect(opts.ip)}"
     end
 
+    if opts.handler == nil and not opts.active do
+      raise ArgumentError,
+            "a listener needs :handler, or active: true to send connections to its owner"
+    end
+
     if opts.handler do
       case Code.ensure_loaded(opts.handler) do
         {:module, _} ->

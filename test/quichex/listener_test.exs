@@ -226,6 +226,10 @@ defmodule Quichex.ListenerTest do
     assert_raise ArgumentError, ~r/:handler/, fn ->
       Listener.start_link(config: server_config(), handler: NoSuchModule)
     end
+
+    assert_raise ArgumentError, ~r/:handler/, fn ->
+      Listener.start_link(config: server_config(), active: false)
+    end
   end
 
   test "a port in use is an error, not a crash" do

@@ -269,8 +269,7 @@ defmodule Quichex.Listener.Socket do
     end
   end
 
-  defp listener_mode(%{opts: %{handler: nil, active: true}}), do: :active
-  defp listener_mode(%{opts: %{handler: nil}}), do: :passive
+  defp listener_mode(%{opts: %{handler: nil}}), do: :active
   defp listener_mode(_state), do: :handler
 
   defp owner_for(%{opts: %{handler: nil} = opts}), do: {opts.owner, nil}
