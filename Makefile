@@ -74,3 +74,9 @@ interop: deps deps-python
 clean:
 	rm -rf _build priv/native
 	cd $(CRATE) && cargo clean
+
+## bench: raw quiche vs Quichex, 3 runs per scenario (see bench/bench.exs)
+bench: export MIX_ENV := prod
+bench: deps
+	mix compile
+	mix run bench/bench.exs -- $(BENCH_ARGS)

@@ -3,4 +3,4 @@ certs = Quichex.Test.Certs.generate!(dir)
 :persistent_term.put(:quichex_test_certs, certs)
 System.at_exit(fn _ -> File.rm_rf(dir) end)
 
-ExUnit.start(exclude: [:interop_integration], timeout: 120_000)
+ExUnit.start(timeout: 120_000)
