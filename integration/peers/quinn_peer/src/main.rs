@@ -1,0 +1,837 @@
+//! QUIC echo peer on quinn, a foreign peer for Quichex's interop tests.
+//!
+//! `quinn_peer server ...` and `quinn_peer client ...` mirror
+//! `../aioquic_echo_server.py` and `../aioquic_echo_client.py`: same flags,
+//! same echo protocol, same stdout lines (the client's JSON line has
+//! `mbps` and `key_update` instead of `key_phase`). See `../README.md`.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, Incoming, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring as provider, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Seconds the client lingers after sending CONNECTION_CLOSE (as the aioquic client).
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
+const DEFAULT_ALPN: &str = "quichex-echo";
+
+fn main() -> ExitCode {
+    let mut argv: VecDeque<String> = std::env::args().skip(1).collect();
+    let mode = argv.pop_front().unwrap_or_default();
+    let args = match Args::parse(argv) {
+        Ok(args) => args,
+        Err(msg) => usage(&msg),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match mode.as_str() {
+        "server" => match rt.block_on(server(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quinn_peer server: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        "client" => rt.block_on(client(args)),
+        _ => usage("first argument must be `server` or `client`"),
+    }
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!(
+        "quinn_peer: {msg}\n\
+         usage: quinn_peer server [--host H] [--port N] --cert PEM --key PEM [--alpn NAME]... \
+         [--retry] [--idle-timeout S] [--chacha20]\n       \
+         quinn_peer client [--host H] --port N [--alpn NAME] [--cafile PEM | --insecure] \
+         [--server-name NAME] [--streams N] [--uni N] [--size BYTES] [--close-code N] \
+         [--close-reason TEXT] [--timeout S] [--key-update] [--chacha20]"
+    );
+    std::process::exit(2) // like argparse
+}
+
+// ---------------------------------------------------------------- arguments
+
+#[derive(Debug)]
+struct Args {
+    host: String,
+    port: Option<u16>,
+    cert: Option<String>,
+    key: Option<String>,
+    alpn: Vec<String>,
+    retry: bool,
+    idle_timeout: f64,
+    chacha20: bool,
+    cafile: Option<String>,
+    insecure: bool,
+    server_name: Option<String>,
+    streams: usize,
+    uni: usize,
+    size: usize,
+    close_code: u64,
+    close_reason: String,
+    timeout: f64,
+    key_update: bool,
+}
+
+impl Args {
+    /// Accepts `--flag value` and `--flag=value`, as argparse does.
+    fn parse(mut argv: VecDeque<String>) -> Result<Args, String> {
+        let mut a = Args {
+            host: "127.0.0.1".into(),
+            port: None,
+            cert: None,
+            key: None,
+            alpn: Vec::new(),
+            retry: false,
+            idle_timeout: 30.0,
+            chacha20: false,
+            cafile: None,
+            insecure: false,
+            server_name: None,
+            streams: 1,
+            uni: 0,
+            size: 1000,
+            close_code: 0,
+            close_reason: "done".into(),
+            timeout: 30.0,
+            key_update: false,
+        };
+        while let Some(arg) = argv.pop_front() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg, None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| argv.pop_front())
+                    .ok_or(format!("{flag} needs a value"))
+            };
+            fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String> {
+                v.parse()
+                    .map_err(|_| format!("{flag}: invalid number {v:?}"))
+            }
+            match flag.as_str() {
+                "--host" => a.host = value()?,
+                "--port" => a.port = Some(num(&flag, value()?)?),
+                "--cert" => a.cert = Some(value()?),
+                "--key" => a.key = Some(value()?),
+                "--alpn" => a.alpn.push(value()?),
+                "--idle-timeout" => a.idle_timeout = num(&flag, value()?)?,
+                "--cafile" => a.cafile = Some(value()?),
+                "--server-name" => a.server_name = Some(value()?),
+                "--streams" => a.streams = num(&flag, value()?)?,
+                "--uni" => a.uni = num(&flag, value()?)?,
+                "--size" => a.size = num(&flag, value()?)?,
+                "--close-code" => a.close_code = num(&flag, value()?)?,
+                "--close-reason" => a.close_reason = value()?,
+                "--timeout" => a.timeout = num(&flag, value()?)?,
+                "--retry" | "--chacha20" | "--insecure" | "--key-update" if inline.is_some() => {
+                    return Err(format!("{flag} takes no value"))
+                }
+                "--retry" => a.retry = true,
+                "--chacha20" => a.chacha20 = true,
+                "--insecure" => a.insecure = true,
+                "--key-update" => a.key_update = true,
+                _ => return Err(format!("unknown argument {flag:?}")),
+            }
+        }
+        if a.cafile.is_some() && a.insecure {
+            return Err("--cafile and --insecure are mutually exclusive".into());
+        }
+        Ok(a)
+    }
+
+    fn addr(&self, port: u16) -> Result<SocketAddr, String> {
+        (self.host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?
+            .next()
+            .ok_or(format!("cannot resolve {}", self.host))
+    }
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// The *ring* provider, optionally restricted to TLS_CHACHA20_POLY1305_SHA256.
+fn crypto_provider(chacha20: bool) -> Arc<CryptoProvider> {
+    let mut p = provider::default_provider();
+    if chacha20 {
+        p.cipher_suites = vec![provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+    }
+    Arc::new(p)
+}
+
+/// Initial packets are always protected with AES-128-GCM (RFC 9001 §5.2),
+/// whatever suites TLS may negotiate. quinn's `TryFrom` looks for it in the
+/// provider's list, so with `--chacha20` it must be passed explicitly.
+fn initial_suite() -> rustls::quic::Suite {
+    provider::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|s| s.quic_suite())
+        .expect("AES-128-GCM QUIC suite")
+}
+
+fn transport(idle_timeout: Duration) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(idle_timeout.try_into().expect("idle timeout")))
+        .max_concurrent_bidi_streams(1000u32.into())
+        .max_concurrent_uni_streams(1000u32.into());
+    Arc::new(t)
+}
+
+/// `--insecure`: accept any certificate (signatures are still checked).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            msg,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            msg,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// webpki, plus one thing OpenSSL (hence aioquic) allows: a server
+/// certificate that is itself in `--cafile` is trusted directly, even when it
+/// is a self-signed CA certificate (`openssl req -x509` makes CA:TRUE ones,
+/// which webpki rejects as CaUsedAsEndEntity). Its names are still checked.
+#[derive(Debug)]
+struct DirectTrust {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for DirectTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError::Other, Error::InvalidCertificate};
+        match self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(InvalidCertificate(Other(_))) if self.pinned.iter().any(|c| c == end_entity) => {
+                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            result => result,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(msg, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        msg: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(msg, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+// ---------------------------------------------------------------- server
+
+/// One line on stdout, flushed.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn server(args: Args) -> Result<(), String> {
+    let (cert, key) = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => (c, k),
+        _ => usage("server needs --cert and --key"),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider(args.chacha20))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    let alpn = if args.alpn.is_empty() {
+        vec![DEFAULT_ALPN.to_string()]
+    } else {
+        args.alpn.clone()
+    };
+    tls.alpn_protocols = alpn.into_iter().map(String::into_bytes).collect();
+    tls.max_early_data_size = u32::MAX; // as quinn's own default config
+    let tls = QuicServerConfig::with_initial(Arc::new(tls), initial_suite())
+        .map_err(|e| e.to_string())?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
+    config.transport_config(transport(Duration::from_secs_f64(args.idle_timeout)));
+
+    let endpoint = Endpoint::server(config, args.addr(args.port.unwrap_or(0))?)
+        .map_err(|e| format!("bind {}: {e}", args.host))?;
+    say(&format!(
+        "LISTENING {}",
+        endpoint.local_addr().map_err(|e| e.to_string())?.port()
+    ));
+    watch_stdin();
+
+    while let Some(incoming) = endpoint.accept().await {
+        if args.retry && !incoming.remote_address_validated() {
+            // Answer with a Retry; the client's next Initial carries the token.
+            let _ = incoming.retry();
+            continue;
+        }
+        tokio::spawn(serve_connection(incoming));
+    }
+    Ok(())
+}
+
+/// Exit when stdin reaches EOF (the Erlang port was closed). A stdin that is
+/// not a pipe, socket or terminal (`< /dev/null`, a file) is not watched.
+fn watch_stdin() {
+    use std::io::IsTerminal;
+    let stdin = std::io::stdin();
+    let watchable = stdin.is_terminal()
+        || std::fs::metadata("/dev/stdin")
+            .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+            .unwrap_or(false);
+    if !watchable {
+        return;
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut lock = stdin.lock();
+        while matches!(lock.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = std::io::stdout().flush();
+        std::process::exit(0);
+    });
+}
+
+async fn serve_connection(incoming: Incoming) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => return report_close(&e), // e.g. no common ALPN: we closed it
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
+        .unwrap_or_else(|| "None".into());
+    say(&format!("CONNECTED {alpn}"));
+
+    let bidi = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = bidi.accept_bi().await {
+            // Echo each chunk on the same stream; answer FIN with FIN.
+            tokio::spawn(async move {
+                while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
+                    if send.write_chunk(chunk.bytes).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = send.finish();
+            });
+        }
+    });
+    let uni = conn.clone();
+    tokio::spawn(async move {
+        while let Ok(mut recv) = uni.accept_uni().await {
+            // Buffer until FIN, then send it all back on a new uni stream.
+            let conn = uni.clone();
+            tokio::spawn(async move {
+                let Ok(data) = recv.read_to_end(usize::MAX).await else {
+                    return;
+                };
+                let Ok(mut send) = conn.open_uni().await else {
+                    return;
+                };
+                if send.write_all(&data).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    report_close(&conn.closed().await);
+}
+
+/// `CLOSED <code> <reason>` for a close by either side, except idle timeouts.
+fn report_close(e: &ConnectionError) {
+    if let Some((code, reason)) = close_code(e) {
+        say(&format!(
+            "CLOSED {code} {}",
+            reason.replace(['\r', '\n'], " ")
+        ));
+    }
+}
+
+/// (code, reason) of a CONNECTION_CLOSE sent or received; None for idle
+/// timeouts, stateless resets and the like, which have no code.
+fn close_code(e: &ConnectionError) -> Option<(u64, String)> {
+    match e {
+        ConnectionError::ApplicationClosed(c) => Some((
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
+        ConnectionError::ConnectionClosed(c) => Some((
+            u64::from(c.error_code),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        )),
+        ConnectionError::TransportError(t) => Some((u64::from(t.code), t.reason.clone())),
+        _ => None,
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match close_code(e) {
+        Some((code, reason)) => format!("connection closed, code {code}, reason '{reason}'"),
+        None => format!("connection closed: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------- client
+
+struct Report {
+    ok: bool,
+    alpn: Option<String>,
+    bidi: usize,
+    uni: usize,
+    bytes: usize,
+    mbps: f64,
+    key_update: bool,
+    error: Option<String>,
+}
+
+impl Report {
+    fn json(&self) -> String {
+        fn s(v: &Option<String>) -> String {
+            match v {
+                None => "null".into(),
+                Some(v) => {
+                    let mut out = String::from("\"");
+                    for c in v.chars() {
+                        match c {
+                            '"' => out.push_str("\\\""),
+                            '\\' => out.push_str("\\\\"),
+                            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                            c => out.push(c),
+                        }
+                    }
+                    out + "\""
+                }
+            }
+        }
+        format!(
+            "{{\"ok\": {}, \"alpn\": {}, \"bidi\": {}, \"uni\": {}, \"bytes\": {}, \"mbps\": {:.2}, \
+             \"key_update\": {}, \"error\": {}}}",
+            self.ok, s(&self.alpn), self.bidi, self.uni, self.bytes, self.mbps, self.key_update,
+            s(&self.error)
+        )
+    }
+}
+
+/// What a timeout message reports.
+#[derive(Default)]
+struct Progress {
+    connected: AtomicBool,
+    echoes: AtomicUsize,
+}
+
+/// SIZE deterministic bytes, different for each seed (splitmix64).
+fn payload(seed: u64, size: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+async fn client(args: Args) -> ExitCode {
+    let mut report = Report {
+        ok: false,
+        alpn: None,
+        bidi: 0,
+        uni: 0,
+        bytes: 0,
+        mbps: 0.0,
+        key_update: false,
+        error: None,
+    };
+    let progress = Arc::new(Progress::default());
+    let budget = Duration::from_secs_f64(args.timeout.max(0.0));
+    let mut endpoint = None;
+    let outcome = tokio::time::timeout(
+        budget.saturating_sub(CLOSE_GRACE),
+        run_client(&args, &mut report, &mut endpoint, &progress),
+    )
+    .await;
+    let conn = match outcome {
+        Ok(Ok(conn)) => {
+            conn.close(
+                VarInt::from_u64(args.close_code).unwrap_or(VarInt::MAX),
+                args.close_reason.as_bytes(),
+            );
+            report.ok = true;
+            Some(conn)
+        }
+        Ok(Err((conn, e))) => {
+            report.error = Some(e);
+            conn
+        }
+        Err(_) => {
+            let done = if progress.connected.load(Ordering::SeqCst) {
+                "done"
+            } else {
+                "not done"
+            };
+            report.error = Some(format!(
+                "timeout after {:?}s: handshake {done}, {} of {} echoes complete",
+                args.timeout,
+                progress.echoes.load(Ordering::SeqCst),
+                args.streams + args.uni
+            ));
+            None
+        }
+    };
+    if !report.ok {
+        (report.bidi, report.uni, report.bytes, report.mbps) = (0, 0, 0, 0.0);
+        if let Some(conn) = &conn {
+            conn.close(0u32.into(), b"");
+        }
+    }
+    if let Some(endpoint) = endpoint {
+        if !report.ok {
+            endpoint.close(0u32.into(), b""); // also covers a timed-out handshake
+        }
+        // Let the CONNECTION_CLOSE go out; quinn drains for 3 PTO: cap it.
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    }
+    drop(conn);
+    say(&report.json());
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+type Failure = (Option<quinn::Connection>, String);
+
+async fn run_client(
+    args: &Args,
+    report: &mut Report,
+    endpoint_out: &mut Option<Endpoint>,
+    progress: &Arc<Progress>,
+) -> Result<quinn::Connection, Failure> {
+    let fail = |e: String| (None, e);
+    let port = args.port.unwrap_or_else(|| usage("client needs --port"));
+    let server = args.addr(port).map_err(fail)?;
+
+    let provider = crypto_provider(args.chacha20);
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| fail(e.to_string()))?;
+    let verifier: Arc<dyn ServerCertVerifier> = if args.insecure {
+        Arc::new(NoVerify(provider.clone()))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut pinned = Vec::new();
+        match &args.cafile {
+            Some(path) => {
+                for cert in
+                    CertificateDer::pem_file_iter(path).map_err(|e| fail(format!("{path}: {e}")))?
+                {
+                    let cert = cert.map_err(|e| fail(format!("{path}: {e}")))?;
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| fail(format!("{path}: {e}")))?;
+                    pinned.push(cert);
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| {
+            fail(format!(
+                "{}: {e}",
+                args.cafile.as_deref().unwrap_or("system CAs")
+            ))
+        })?;
+        Arc::new(DirectTrust { webpki, pinned })
+    };
+    let mut tls = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![args
+        .alpn
+        .last()
+        .map_or(DEFAULT_ALPN, |s| s.as_str())
+        .as_bytes()
+        .to_vec()];
+    tls.enable_early_data = true; // as quinn's own default config
+    let tls = QuicClientConfig::with_initial(Arc::new(tls), initial_suite())
+        .map_err(|e| fail(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(tls));
+    config.transport_config(transport(Duration::from_secs(30)));
+
+    let local: IpAddr = match (server.is_ipv4(), server.ip().is_loopback()) {
+        (true, true) => Ipv4Addr::LOCALHOST.into(),
+        (true, false) => Ipv4Addr::UNSPECIFIED.into(),
+        (false, true) => Ipv6Addr::LOCALHOST.into(),
+        (false, false) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let mut endpoint =
+        Endpoint::client(SocketAddr::new(local, 0)).map_err(|e| fail(format!("bind: {e}")))?;
+    endpoint.set_default_client_config(config);
+    *endpoint_out = Some(endpoint.clone());
+
+    let name = args
+        .server_name
+        .clone()
+        .unwrap_or_else(|| args.host.clone());
+    let conn = endpoint
+        .connect(server, &name)
+        .map_err(|e| fail(format!("connect failed: {e}")))?
+        .await
+        .map_err(|e| fail(format!("handshake failed: {}", describe(&e))))?;
+    progress.connected.store(true, Ordering::SeqCst);
+    report.alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .map(|p| String::from_utf8_lossy(&p).into_owned());
+
+    let started = Instant::now();
+    match exchange(args, &conn, report, progress).await {
+        Ok(()) => {
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            report.mbps = report.bytes as f64 / secs / 1e6;
+            Ok(conn)
+        }
+        Err(e) => Err((Some(conn), e)),
+    }
+}
+
+/// Sends SIZE bytes + FIN on every stream and checks every echo.
+async fn exchange(
+    args: &Args,
+    conn: &quinn::Connection,
+    report: &mut Report,
+    progress: &Arc<Progress>,
+) -> Result<(), String> {
+    let half = args.size / 2;
+    // Each task yields nothing, or (the uni acceptor) every uni echo.
+    let mut tasks: JoinSet<Result<Option<Vec<Vec<u8>>>, String>> = JoinSet::new();
+    // Writers report their first half here, then wait for the gate: with
+    // --key-update, the keys are updated in between.
+    let (halfway_tx, mut halfway_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let (gate_tx, gate_rx) = watch::channel(!args.key_update);
+
+    // Open every stream first, in order: bidi payloads are seeded 0..,
+    // uni payloads 1_000_000.. (same scheme as the aioquic client).
+    let mut sent_uni: Vec<Vec<u8>> = Vec::new();
+    for i in 0..args.streams + args.uni {
+        let is_uni = i >= args.streams;
+        let data = Arc::new(payload(
+            if is_uni {
+                1_000_000 + i as u64
+            } else {
+                i as u64
+            },
+            args.size,
+        ));
+        let (mut send, recv) = if is_uni {
+            (conn.open_uni().await.map_err(|e| describe(&e))?, None)
+        } else {
+            let (s, r) = conn.open_bi().await.map_err(|e| describe(&e))?;
+            (s, Some(r))
+        };
+        let id = send.id();
+        let (halfway, mut gate, payload) = (halfway_tx.clone(), gate_rx.clone(), data.clone());
+        tasks.spawn(async move {
+            let result = send
+                .write_all(&payload[..half])
+                .await
+                .map_err(|e| format!("stream {id}: {e}"));
+            let _ = halfway.send(result.clone());
+            result?;
+            let _ = gate.wait_for(|open| *open).await;
+            send.write_all(&payload[half..])
+                .await
+                .map_err(|e| format!("stream {id}: {e}"))?;
+            send.finish().map_err(|e| format!("stream {id}: {e}"))?;
+            Ok(None)
+        });
+        match recv {
+            None => sent_uni.push(data.to_vec()),
+            Some(mut recv) => {
+                let progress = progress.clone();
+                tasks.spawn(async move {
+                    let got = recv
+                        .read_to_end(usize::MAX)
+                        .await
+                        .map_err(|e| format!("bidi stream {id}: {e}"))?;
+                    if got != *data {
+                        let at = got.iter().zip(data.iter()).position(|(a, b)| a != b);
+                        let at = at.unwrap_or(got.len().min(data.len()));
+                        return Err(format!(
+                            "bidi stream {id}: echoed {} of {} bytes, differs at byte {at}",
+                            got.len(),
+                            data.len()
+                        ));
+                    }
+                    progress.echoes.fetch_add(1, Ordering::SeqCst);
+                    Ok(None)
+                });
+            }
+        }
+    }
+    drop(halfway_tx);
+    // Uni echoes: one server-initiated uni stream per client uni stream.
+    // They arrive only after our FINs, so accept them in the background.
+    let (uni_conn, uni_count, uni_progress) = (conn.clone(), args.uni, progress.clone());
+    let mut uni_tasks: JoinSet<Result<Vec<u8>, String>> = JoinSet::new();
+    tasks.spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..uni_count {
+            let mut recv = uni_conn.accept_uni().await.map_err(|e| describe(&e))?;
+            let progress = uni_progress.clone();
+            uni_tasks.spawn(async move {
+                let id = recv.id();
+                let data = recv
+                    .read_to_end(usize::MAX)
+                    .await
+                    .map_err(|e| format!("uni stream {id}: {e}"))?;
+                progress.echoes.fetch_add(1, Ordering::SeqCst);
+                Ok(data)
+            });
+        }
+        while let Some(joined) = uni_tasks.join_next().await {
+            got.push(joined.map_err(|e| e.to_string())??);
+        }
+        Ok(Some(got))
+    });
+
+    if args.key_update {
+        // Every first half is written. RFC 9001 §6 forbids a key update before
+        // the handshake is confirmed, i.e. before HANDSHAKE_DONE reaches the client.
+        for _ in 0..args.streams + args.uni {
+            halfway_rx.recv().await.expect("writers hold a sender")?;
+        }
+        while conn.stats().frame_rx.handshake_done == 0 {
+            if let Some(e) = conn.close_reason() {
+                return Err(describe(&e));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        conn.force_key_update();
+        report.key_update = true;
+        let _ = gate_tx.send(true);
+    }
+
+    let mut got_uni = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined.map_err(|e| e.to_string())? {
+            Ok(Some(echoes)) => got_uni = echoes,
+            Ok(None) => {}
+            Err(e) => {
+                // A failed stream usually means a closed connection: say so.
+                return Err(match conn.close_reason() {
+                    Some(c) => describe(&c),
+                    None => e,
+                });
+            }
+        }
+    }
+    sent_uni.sort();
+    got_uni.sort();
+    if got_uni != sent_uni {
+        let mut lengths: Vec<usize> = got_uni.iter().map(Vec::len).collect();
+        lengths.sort();
+        return Err(format!(
+            "uni echoes do not match what was sent: got lengths {lengths:?}"
+        ));
+    }
+    report.bidi = args.streams;
+    report.uni = args.uni;
+    report.bytes = args.size * (args.streams + args.uni);
+    Ok(())
+}
