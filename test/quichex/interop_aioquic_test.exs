@@ -13,18 +13,26 @@ defmodule Quichex.InteropAioquicTest do
   defmodule Echo do
     # Bidi: echo on the same stream, FIN on FIN. Uni: collect until FIN, then
     # send it all back on a new unidirectional stream of ours.
+    #
+    # The bidi echo holds back its latest chunk and sends it with the FIN, so
+    # the FIN never goes out on its own. With quiche 0.30 an empty FIN can be
+    # lost for good (cloudflare/quiche#2525): when the packet carrying it is
+    # lost while the data before it is acked, the stream counts as complete,
+    # is collected, and the FIN is never retransmitted. Loopback drops
+    # packets under this test's 2 MB burst, and with `Quichex.Stream.close/1`
+    # after each echo about one run in 300 stalls on a missing FIN.
     use Quichex.Handler
 
     @impl Quichex.Handler
     def handle_stream_open(stream, _opts) do
       {:ok, %{direction: dir, connection: conn}} = Quichex.Stream.info(stream)
-      {:continue, %{direction: dir, conn: conn, acc: []}}
+      {:continue, %{direction: dir, conn: conn, held: [], acc: []}}
     end
 
     @impl Quichex.Handler
     def handle_data(data, stream, %{direction: :bidirectional} = state) do
-      :ok = Quichex.Stream.send(stream, data, timeout: 10_000)
-      {:continue, state}
+      if state.held != [], do: :ok = Quichex.Stream.send(stream, state.held, timeout: 10_000)
+      {:continue, %{state | held: data}}
     end
 
     def handle_data(data, _stream, %{direction: :unidirectional} = state) do
@@ -33,7 +41,7 @@ defmodule Quichex.InteropAioquicTest do
 
     @impl Quichex.Handler
     def handle_fin(stream, %{direction: :bidirectional} = state) do
-      :ok = Quichex.Stream.close(stream)
+      :ok = Quichex.Stream.send(stream, state.held, fin: true, timeout: 10_000)
       {:close, state}
     end
 
@@ -147,6 +155,15 @@ defmodule Quichex.InteropAioquicTest do
     test "handshake and close only: the peer's code and reason reach us", %{python: python} do
       {listener, port} = start_listener(active: true)
 
+      # aioquic closes as soon as its handshake completes, before it is
+      # confirmed, so its CONNECTION_CLOSE goes out in one datagram as a
+      # Handshake packet (transport close APPLICATION_ERROR) coalesced with a
+      # 1-RTT packet (application close 7 "done"). RFC 9000 section 12.2: a
+      # receiver that cannot decrypt one packet of a datagram MUST still
+      # process the others. Our server has already dropped its Handshake
+      # keys, and quiche 0.30's recv() then discards the rest of the datagram,
+      # so as of this writing the close is lost and this test fails (the
+      # connection stays up until its idle timeout).
       assert {0, %{ok: true, alpn: "quichex-test", bidi: 0, uni: 0, error: nil}} =
                run_client!(python, port, [
                  "--alpn",
@@ -160,10 +177,22 @@ defmodule Quichex.InteropAioquicTest do
                ])
 
       conn = accept!(listener, 1_000)
+      assert_closed(conn, 7, "done", 2_000)
+    end
 
-      assert_receive {:quic_connection_closed, ^conn, 7,
-                      %ApplicationError{code: 7, reason: :connection_close, phrase: "done"}},
-                     2_000
+    test "the peer's close code and reason reach us after an exchange", %{python: python} do
+      {listener, port} = start_listener(active: true, stream_opts: [active: true])
+
+      # With one bidi stream the close comes after a round trip, when aioquic
+      # has confirmed the handshake, so it is a lone 1-RTT packet. The
+      # controlling process (this one) plays the echo server.
+      client = Task.async(fn -> run_client!(python, port, client_args(1, 1000, 9, "later")) end)
+      conn = accept!(listener, 5_000)
+      assert_receive {:quic_stream_opened, ^conn, stream, :bidirectional}, 5_000
+      echo_active(conn, stream)
+
+      assert {0, %{ok: true, bidi: 1, error: nil}} = Task.await(client, 15_000)
+      assert_closed(conn, 9, "later", 2_000)
     end
 
     test "a listener with retry: true validates the client's address", %{python: python} do
@@ -180,6 +209,50 @@ defmodule Quichex.InteropAioquicTest do
     end
   end
 
+  defp client_args(streams, size, code, reason) do
+    ["--alpn", alpn(), "--streams", "#{streams}", "--size", "#{size}"] ++
+      ["--close-code", "#{code}", "--close-reason", reason]
+  end
+
+  # Collects an active-mode stream until the peer's FIN, then echoes it all
+  # with FIN (not a FIN on its own: see Echo).
+  defp echo_active(conn, stream, acc \\ []) do
+    receive do
+      {:quic_stream, ^conn, ^stream, data} ->
+        echo_active(conn, stream, [acc | data])
+
+      {:quic_stream_fin, ^conn, ^stream} ->
+        :ok = Quichex.Stream.send(stream, acc, fin: true)
+    after
+      5_000 -> flunk("the aioquic client's stream did not finish within 5 s")
+    end
+  end
+
+  defp assert_closed(conn, code, phrase, timeout) do
+    receive do
+      {:quic_connection_closed, ^conn, ^code, %ApplicationError{} = error} ->
+        assert %ApplicationError{code: ^code, reason: :connection_close, phrase: ^phrase} = error
+
+      {:quic_connection_closed, ^conn, other_code, reason} ->
+        flunk(
+          "the connection closed with #{other_code}, #{inspect(reason)}; " <>
+            "expected application close #{code} #{inspect(phrase)}"
+        )
+    after
+      timeout ->
+        state =
+          case Connection.info(conn, timeout: 1_000) do
+            {:ok, info} -> info.state
+            {:error, reason} -> reason
+          end
+
+        flunk("""
+        no {:quic_connection_closed, conn, #{code}, %ApplicationError{}} within #{timeout} ms \
+        after the aioquic client closed; our connection is still #{inspect(state)}.
+        """)
+    end
+  end
+
   # Reads a passive stream until FIN.
   defp recv_all(stream, acc \\ []) do
     case Quichex.Stream.recv(stream, length: 0, timeout: 5_000) do
@@ -192,24 +265,5 @@ defmodule Quichex.InteropAioquicTest do
       {:error, reason} ->
         flunk("recv failed after #{IO.iodata_length(acc)} bytes: #{inspect(reason)}")
     end
-  end
-end
-
-defmodule Quichex.InteropDebugTest do
-  use ExUnit.Case, async: false
-  import Quichex.Test.Helpers
-  import Quichex.Test.Interop
-
-  @tag :debug
-  test "debug retry" do
-    python = python!()
-    {listener, port} = start_listener(retry: true)
-    r = run_client!(python, port, ["--alpn", alpn(), "--streams", "0"], 3000)
-    IO.inspect(r, label: "aioquic")
-    IO.inspect(Quichex.Listener.stats(listener), label: "stats")
-    receive do m -> IO.inspect(m, label: "msg") after 500 -> :ok end
-    conn = connect!(port)
-    IO.inspect(Quichex.Connection.info(conn), label: "ours")
-    IO.inspect(Quichex.Listener.stats(listener), label: "stats")
   end
 end

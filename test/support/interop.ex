@@ -39,6 +39,8 @@ defmodule Quichex.Test.Interop do
     c = Quichex.Test.Helpers.certs()
     args = ["--host", "127.0.0.1", "--port", "0", "--cert", c.cert, "--key", c.key | args]
     peer = open(python, "aioquic_echo_server.py", args)
+    {:os_pid, os_pid} = Port.info(peer, :os_pid)
+    on_exit(fn -> stop(peer, os_pid) end)
 
     case await_line(peer, ~r/^LISTENING (\d+)$/, timeout) do
       [_, port] -> {peer, String.to_integer(port)}
@@ -100,8 +102,16 @@ defmodule Quichex.Test.Interop do
         Float.to_string(timeout / 1000)
       ] ++ args
 
+    # May run in a task (no on_exit there): clean up before returning.
     peer = open(python, "aioquic_echo_client.py", args)
-    {status, lines} = collect(peer, System.monotonic_time(:millisecond) + timeout + 5_000, [], [])
+    {:os_pid, os_pid} = Port.info(peer, :os_pid)
+
+    {status, lines} =
+      try do
+        collect(peer, System.monotonic_time(:millisecond) + timeout + 5_000, [], [])
+      after
+        stop(peer, os_pid)
+      end
 
     case Enum.filter(lines, &String.starts_with?(&1, "{")) do
       [json] -> {status, parse_result!(json)}
@@ -160,13 +170,11 @@ defmodule Quichex.Test.Interop do
         args: [Path.join(@peers, script) | args]
       ])
 
-    {:os_pid, os_pid} = Port.info(peer, :os_pid)
-    on_exit(fn -> stop(peer, os_pid) end)
     peer
   end
 
   # Closing the port closes the peer's stdin; the server exits on EOF. The
-  # port may already be closed (its owner, the test process, has exited).
+  # port may already be closed (its owner has exited, or the peer did).
   defp stop(peer, os_pid) do
     try do
       Port.close(peer)

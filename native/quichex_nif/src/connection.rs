@@ -199,17 +199,76 @@ fn connection_recv(
         let from = decode_addr(from)?;
         let bytes = data.as_slice();
         let seg = if seg == 0 { bytes.len().max(1) } else { seg };
-        for chunk in bytes.chunks(seg) {
-            inner.scratch.clear();
-            inner.scratch.extend_from_slice(chunk);
-            let info = quiche::RecvInfo { from, to };
-            if inner.conn.recv(&mut inner.scratch, info).is_ok() {
-                accepted += 1;
+        for datagram in bytes.chunks(seg) {
+            // quiche 0.30 drops the rest of a datagram after a coalesced
+            // packet it cannot decrypt (e.g. a Handshake packet once the
+            // Handshake keys are gone), losing a CONNECTION_CLOSE behind it.
+            // RFC 9000 section 12.2 asks receivers to try every packet, so
+            // feed them one by one.
+            let mut rest = datagram;
+            while !rest.is_empty() {
+                let len = first_packet_len(rest);
+                let (packet, tail) = rest.split_at(len);
+                rest = tail;
+                inner.scratch.clear();
+                inner.scratch.extend_from_slice(packet);
+                let info = quiche::RecvInfo { from, to };
+                if inner.conn.recv(&mut inner.scratch, info).is_ok() {
+                    accepted += 1;
+                }
             }
         }
     }
     inner.tx_fresh = true;
     Ok(accepted)
+}
+
+/// Reads a QUIC variable-length integer at `pos`: `(value, bytes)`.
+fn varint(buf: &[u8], pos: usize) -> Option<(u64, usize)> {
+    let first = *buf.get(pos)?;
+    let len = 1usize << (first >> 6);
+    let bytes = buf.get(pos..pos + len)?;
+    let mut v = u64::from(first & 0x3f);
+    for b in &bytes[1..] {
+        v = (v << 8) | u64::from(*b);
+    }
+    Some((v, len))
+}
+
+/// Length of the first packet of a (possibly coalesced) datagram: a long
+/// header packet's own length, or everything for a short header packet or
+/// anything that does not parse (quiche then judges it as a whole).
+pub fn first_packet_len(buf: &[u8]) -> usize {
+    long_packet_len(buf)
+        .filter(|&n| n > 0 && n <= buf.len())
+        .unwrap_or(buf.len())
+}
+
+fn long_packet_len(buf: &[u8]) -> Option<usize> {
+    let first = *buf.first()?;
+    if first & 0x80 == 0 {
+        return None;
+    }
+    let version = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
+    if version == 0 {
+        return None; // Version Negotiation: the rest is versions.
+    }
+    let mut pos = 5;
+    let dcid_len = usize::from(*buf.get(pos)?);
+    pos += 1 + dcid_len;
+    let scid_len = usize::from(*buf.get(pos)?);
+    pos += 1 + scid_len;
+    match (first >> 4) & 0x03 {
+        0 => {
+            // Initial: a token precedes the length.
+            let (token_len, n) = varint(buf, pos)?;
+            pos += n + usize::try_from(token_len).ok()?;
+        }
+        3 => return None, // Retry: no length field.
+        _ => {}
+    }
+    let (len, n) = varint(buf, pos)?;
+    pos.checked_add(n)?.checked_add(usize::try_from(len).ok()?)
 }
 
 struct Batch {
@@ -571,4 +630,44 @@ fn connection_info<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<
         ),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| Error::BadArg("info"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_coalesced_long_header_packets() {
+        // Handshake packet: type 2, version 1, 1-byte CIDs, length 3.
+        let mut d = vec![0xe0, 0, 0, 0, 1, 1, 0xaa, 1, 0xbb, 0x03, 1, 2, 3];
+        let first = d.len();
+        // Followed by a short header packet.
+        d.extend_from_slice(&[0x40, 9, 9, 9, 9]);
+        assert_eq!(first_packet_len(&d), first);
+        assert_eq!(first_packet_len(&d[first..]), 5);
+    }
+
+    #[test]
+    fn initial_token_is_skipped() {
+        // Initial: type 0, token length 2, length 1.
+        let d = [0xc0, 0, 0, 0, 1, 0, 0, 0x02, 7, 7, 0x01, 5, 0xff];
+        assert_eq!(first_packet_len(&d), 12);
+    }
+
+    #[test]
+    fn garbage_and_truncation_take_the_whole_datagram() {
+        assert_eq!(first_packet_len(&[0xc0, 0, 0]), 3);
+        assert_eq!(first_packet_len(&[0xe0, 0, 0, 0, 1, 0, 0, 0x3f]), 8);
+        assert_eq!(first_packet_len(&[0xe0, 0, 0, 0, 1, 30]), 6);
+        assert_eq!(first_packet_len(&[0xe0, 0, 0, 0, 0, 1, 2]), 7);
+        assert_eq!(first_packet_len(&[]), 0);
+    }
+
+    #[test]
+    fn varints_decode() {
+        assert_eq!(varint(&[0x25], 0), Some((37, 1)));
+        assert_eq!(varint(&[0x7b, 0xbd], 0), Some((15293, 2)));
+        assert_eq!(varint(&[0x9d, 0x7f, 0x3e, 0x7d], 0), Some((494878333, 4)));
+        assert_eq!(varint(&[0x9d, 0x7f], 0), None);
+    }
 }
