@@ -10,9 +10,12 @@ export ERL_AFLAGS ?= +S 2:2
 
 CRATE := native/quichex_nif
 VENV := _build/venv
-APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl
+QUINN_PEER := integration/peers/quinn_peer/target/release/quinn_peer
+export QUICHEX_PYTHON := $(CURDIR)/$(VENV)/bin/python
+export QUICHEX_QUINN_PEER := $(CURDIR)/$(QUINN_PEER)
+APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl ngtcp2-client ngtcp2-server
 
-.PHONY: all deps deps-system deps-rust deps-python build demo test test-elixir test-rust gates interop bench clean
+.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates interop bench clean
 
 all: build
 
@@ -46,6 +49,12 @@ $(VENV)/.installed: integration/requirements.txt
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -r integration/requirements.txt
 	@touch $@
 
+## deps-peers: the foreign QUIC stacks the integration tests talk to
+deps-peers: deps-python quinn-peer
+
+quinn-peer: deps
+	cd integration/peers/quinn_peer && cargo build --release --locked --quiet
+
 build: deps
 	mix compile --warnings-as-errors
 
@@ -63,17 +72,18 @@ gates: deps
 test-rust: deps
 	cd $(CRATE) && cargo test --release --locked
 
-test-elixir: deps deps-python
-	QUICHEX_PYTHON=$(CURDIR)/$(VENV)/bin/python mix test
+test-elixir: deps deps-peers
+	mix test
 
 test: gates test-rust test-elixir
 
-interop: deps deps-python
-	QUICHEX_PYTHON=$(CURDIR)/$(VENV)/bin/python mix test integration --include interop
+interop: deps deps-peers
+	mix test integration
 
 clean:
 	rm -rf _build priv/native
 	cd $(CRATE) && cargo clean
+	cd integration/peers/quinn_peer && cargo clean
 
 ## bench: raw quiche vs Quichex, 3 runs per scenario (see bench/bench.exs)
 bench: export MIX_ENV := prod

@@ -119,6 +119,8 @@ defmodule Quichex.Connection do
   # Application error code sent when the controlling process exits.
   @owner_down_code 0
   @fin_grace_ms 50
+  # How long the last byte of a write may wait for the FIN (see hold_last_byte/3).
+  @hold_ms 5
 
   ## Public API
 
@@ -482,6 +484,8 @@ defmodule Quichex.Connection do
       stream_ids: %{},
       want: %{},
       pending: %{},
+      stopped: MapSet.new(),
+      stop_count: 0,
       open_waiters: [],
       next_local: %{
         bidi: if(args.role == :client, do: 0, else: 1),
@@ -590,6 +594,9 @@ defmodule Quichex.Connection do
 
   defp common(state, :info, :quichex_pass, data), do: drive(state, data)
 
+  defp common(state, :info, {:quichex_flush_held, id}, data),
+    do: drive(state, flush_held(data, id))
+
   defp common(state, {:timeout, :quic}, :fire, data) do
     :ok = Native.connection_on_timeout(data.native)
     drive(state, data)
@@ -678,7 +685,7 @@ defmodule Quichex.Connection do
   # One pass after any input: dispatch what quiche reports, flush output,
   # re-arm the timer, move between states.
   defp drive(state, data, actions \\ []) do
-    {:ok, {established?, draining?, closed?, _timeout, readable, stopped, left_bidi, left_uni}} =
+    {:ok, {established?, draining?, closed?, _timeout, readable, stop_count, left_bidi, left_uni}} =
       Native.connection_poll(data.native)
 
     data = %{data | peer_streams_left: %{bidi: left_bidi, uni: left_uni}}
@@ -693,7 +700,7 @@ defmodule Quichex.Connection do
     data =
       if state == :established or (state == :draining and not closed?) do
         data
-        |> deliver_stopped(stopped)
+        |> check_stopped(stop_count)
         |> dispatch_readable(readable)
         |> write_pending()
         |> retry_open_waiters()
@@ -1058,7 +1065,12 @@ defmodule Quichex.Connection do
         {%{timer: timer}, pending} -> cancel_timer(timer) && %{data | pending: pending}
       end
 
-    data = %{data | streams: Map.delete(data.streams, id), want: Map.delete(data.want, id)}
+    data = %{
+      data
+      | streams: Map.delete(data.streams, id),
+        want: Map.delete(data.want, id),
+        stopped: MapSet.delete(data.stopped, id)
+    }
 
     if local?(id, data.role), do: data, else: closed_peer(data, id)
   end
@@ -1161,11 +1173,22 @@ defmodule Quichex.Connection do
     end
   end
 
-  defp deliver_stopped(data, []), do: data
+  # quiche counts STOP_SENDING frames; when the count grows, ask about the
+  # streams we can send on that were not reported yet.
+  defp check_stopped(%{stop_count: seen} = data, count) when count <= seen, do: data
 
-  defp deliver_stopped(data, stopped) do
-    Enum.reduce(stopped, data, fn {id, code}, acc ->
+  defp check_stopped(data, count) do
+    ids =
+      for {id, _pid} <- data.streams,
+          bidi?(id) or local?(id, data.role),
+          not MapSet.member?(data.stopped, id),
+          do: id
+
+    {:ok, stopped} = Native.connection_stopped_streams(data.native, ids)
+
+    Enum.reduce(stopped, %{data | stop_count: count}, fn {id, code}, acc ->
       notify_stream(acc, id, {:quic_stopped, code})
+      acc = %{acc | stopped: MapSet.put(acc.stopped, id)}
       fail_pending(acc, id, {:error, {:stopped, code}})
     end)
   end
@@ -1198,7 +1221,16 @@ defmodule Quichex.Connection do
         ms -> :erlang.start_timer(ms, self(), {:send_timeout, id, ref})
       end
 
-    entry = %{ref: ref, data: bin, fin: fin, timer: timer, fin_wait: nil}
+    entry =
+      case data.pending do
+        # A byte held back from the previous write goes first.
+        %{^id => %{ref: nil, data: held}} ->
+          %{new_entry(ref, bin, fin, timer) | data: held <> bin}
+
+        _ ->
+          new_entry(ref, bin, fin, timer)
+      end
+
     write_pending(%{data | pending: Map.put(data.pending, id, entry)})
   end
 
@@ -1211,6 +1243,9 @@ defmodule Quichex.Connection do
       data
     end
   end
+
+  defp new_entry(ref, bin, fin, timer),
+    do: %{ref: ref, data: bin, fin: fin, timer: timer, fin_wait: nil, flush: false}
 
   defp expire_send(data, id, ref) do
     case data.pending do
@@ -1232,8 +1267,8 @@ defmodule Quichex.Connection do
     now = System.monotonic_time(:millisecond)
 
     writes =
-      for {id, %{data: bin, fin: fin} = entry} <- data.pending do
-        {id, bin, fin, force_fin?(entry, data, now)}
+      for {id, %{data: bin, fin: fin} = entry} <- data.pending, writable_now?(entry) do
+        {id, bin, fin, entry.flush or force_fin?(entry, data, now)}
       end
 
     {:ok, results} = Native.connection_stream_send(data.native, writes)
@@ -1244,6 +1279,9 @@ defmodule Quichex.Connection do
 
       {id, {:error, reason}}, acc ->
         fail_pending(acc, id, {:error, send_error(reason)})
+
+      {id, {:held, written}}, acc ->
+        hold_last_byte(acc, id, written)
 
       {id, written}, acc ->
         %{data: bin} = entry = acc.pending[id]
@@ -1257,6 +1295,38 @@ defmodule Quichex.Connection do
           %{acc | pending: Map.put(acc.pending, id, %{entry | data: rest})}
         end
     end)
+  end
+
+  # The NIF kept the last byte of a write back (see hold_last_byte in
+  # stream.rs): the caller is answered, the byte waits for the FIN or more
+  # data, or goes out alone after @hold_ms.
+  defp hold_last_byte(data, id, written) do
+    %{data: bin} = entry = data.pending[id]
+
+    if written == byte_size(bin) - 1 do
+      cancel_timer(entry.timer)
+      if entry.ref, do: notify_stream(data, id, {:quic_send_result, entry.ref, :ok})
+      Process.send_after(self(), {:quichex_flush_held, id}, @hold_ms)
+      held = %{entry | ref: nil, timer: nil, data: binary_part(bin, written, 1), flush: false}
+      %{data | pending: Map.put(data.pending, id, held)}
+    else
+      rest = binary_part(bin, written, byte_size(bin) - written)
+      %{data | pending: Map.put(data.pending, id, %{entry | data: rest})}
+    end
+  end
+
+  # A held byte is written with what follows it, or alone once flushed.
+  defp writable_now?(%{ref: nil, flush: flush}), do: flush
+  defp writable_now?(_entry), do: true
+
+  defp flush_held(data, id) do
+    case data.pending do
+      %{^id => %{ref: nil} = entry} ->
+        %{data | pending: Map.put(data.pending, id, %{entry | flush: true})}
+
+      _ ->
+        data
+    end
   end
 
   # An empty FIN waits for a pass where quiche's send capacity is exact (the

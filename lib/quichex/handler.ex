@@ -36,8 +36,8 @@ defmodule Quichex.Handler do
 
     * `{:continue, state}` - keep going.
     * `{:continue, state, timeout}` - keep going; if no event arrives within
-      `timeout` ms, `c:handle_timeout/2` (stream) or `c:handle_timeout/2`
-      (connection, with the connection in place of the stream) runs.
+      `timeout` ms, `c:handle_timeout/2` runs, with the stream (in a stream
+      process) or the connection (in the connection process).
     * `{:close, state}` - finish normally. For a stream: FIN on the sending
       side if it is still open, STOP_SENDING (code 0) on the receiving side if
       the peer has not finished, then the process exits. For a connection:

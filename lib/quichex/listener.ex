@@ -120,7 +120,8 @@ defmodule Quichex.Listener do
   @doc """
   Starts a listener linked to the caller. Raises `ArgumentError` for bad
   options; returns `{:error, reason}` when the socket cannot be opened or
-  the config's TLS files cannot be loaded.
+  the config's TLS files cannot be loaded (like any `start_link`, a caller
+  that does not trap exits also gets the exit signal of the failed start).
 
       {:ok, listener} = Quichex.Listener.start_link(port: 0, ip: {127, 0, 0, 1}, config: config)
   """

@@ -47,6 +47,7 @@ defmodule Quichex.Native do
   def connection_stream_open(_conn, _id), do: err()
   def connection_stream_shutdown(_conn, _id, _direction, _code), do: err()
   def connection_stream_status(_conn, _id), do: err()
+  def connection_stopped_streams(_conn, _ids), do: err()
 
   # packets
   def packet_header(_data, _dcid_len), do: err()

@@ -32,12 +32,14 @@ defmodule Quichex.Stream do
     * `{:quic_stream, conn, stream, data}` - a chunk of data
     * `{:quic_stream_fin, conn, stream}` - the peer finished the stream
     * `{:quic_stream_reset, conn, stream, error_code}` - the peer reset it (RESET_STREAM)
-    * `{:quic_stream_stopped, conn, stream, error_code}` - the peer asked us to
-      stop sending (STOP_SENDING)
     * `{:quic_stream_passive, conn, stream}` - an `active: n` count ran out
 
-  Sent to the owner in every mode, once, when the connection ends before the
-  stream finished: `{:quic_stream_closed, conn, stream, reason}`.
+  Sent to the owner in every mode:
+
+    * `{:quic_stream_stopped, conn, stream, error_code}` - the peer asked us to
+      stop sending (STOP_SENDING); later sends return `{:error, {:stopped, code}}`
+    * `{:quic_stream_closed, conn, stream, reason}` - once, when the connection
+      ends before the stream finished
 
   ## Sending
 
@@ -372,7 +374,8 @@ defmodule Quichex.Stream do
   end
 
   def handle_info({:quic_stopped, code}, state) do
-    if state.active != false, do: notify(state, {:quic_stream_stopped, state.conn, self(), code})
+    # Sent in every mode: it is about our sending side, not data to read.
+    notify(state, {:quic_stream_stopped, state.conn, self(), code})
     state = %{state | stopped: code, send_done: true} |> fail_queue({:error, {:stopped, code}})
     noreply(state)
   end

@@ -31,7 +31,7 @@ defmodule Quichex.Telemetry do
   ## Stream
 
     * `[:quichex, :stream, :start]` - a stream process started.
-      Measurements: `%{monotonic_time: integer}`.
+      Measurements: `%{monotonic_time: integer, system_time: integer}`.
       Metadata: `%{connection: pid, stream: pid, stream_id: integer, initiator: :local | :remote}`.
     * `[:quichex, :stream, :stop]` - a stream process ended.
       Measurements: `%{monotonic_time: integer, duration: integer}`.

@@ -256,6 +256,35 @@ defmodule Quichex.StreamTest do
     end
   end
 
+  describe "stop_sending while blocked" do
+    test "a send blocked by flow control returns {:stopped, code} promptly, also after the peer's FIN" do
+      {client, server} = pair()
+      {:ok, stream} = Connection.open_stream(client)
+      :ok = Stream.send(stream, "GET", fin: true)
+      {peer, _} = opened!(server)
+      assert {:ok, "GET"} = read_all(peer)
+
+      # The server streams a response the client does not read: its sends
+      # block on the client's 1 MB window.
+      writer =
+        Task.async(fn ->
+          Enum.reduce_while(1..1_000, 0, fn _, n ->
+            case Stream.send(peer, :binary.copy("x", 64_000), timeout: 10_000) do
+              :ok -> {:cont, n + 1}
+              error -> {:halt, {error, System.monotonic_time(:millisecond)}}
+            end
+          end)
+        end)
+
+      Process.sleep(300)
+      stopped_at = System.monotonic_time(:millisecond)
+      :ok = Stream.shutdown(stream, :read, error_code: 9)
+      assert {{:error, {:stopped, 9}}, returned_at} = Task.await(writer, 15_000)
+      assert returned_at - stopped_at < 2_000
+      assert_receive {:quic_stream_stopped, ^server, ^peer, 9}
+    end
+  end
+
   describe "lifecycle" do
     test "owner death resets the stream with the documented code" do
       {client, server} = pair()

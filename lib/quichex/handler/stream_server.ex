@@ -16,27 +16,29 @@ defmodule Quichex.Handler.StreamServer do
   end
 
   @impl GenServer
-  def handle_info({:quic_stream_opened, _conn, stream, _direction}, state) do
+  def handle_info({:quic_stream_opened, _conn, stream, _direction}, %{stream: nil} = state) do
     Process.monitor(stream)
     state = %{state | stream: stream}
     result(state.module.handle_stream_open(stream, state.state), state, false)
   end
 
-  def handle_info({:quic_stream, _conn, stream, data}, state) do
+  # Messages about other streams (ones the handler opened itself) go to
+  # handle_info/3 like any other message.
+  def handle_info({:quic_stream, _conn, stream, data}, %{stream: stream} = state) do
     result(state.module.handle_data(data, stream, state.state), state, true)
   end
 
-  def handle_info({:quic_stream_fin, _conn, stream}, state) do
+  def handle_info({:quic_stream_fin, _conn, stream}, %{stream: stream} = state) do
     state = %{state | read_done: true}
     result(state.module.handle_fin(stream, state.state), state, false)
   end
 
-  def handle_info({:quic_stream_reset, _conn, stream, code}, state) do
+  def handle_info({:quic_stream_reset, _conn, stream, code}, %{stream: stream} = state) do
     state = %{state | read_done: true}
     result(state.module.handle_reset(code, stream, state.state), state, false)
   end
 
-  def handle_info({:quic_stream_stopped, _conn, stream, code}, state) do
+  def handle_info({:quic_stream_stopped, _conn, stream, code}, %{stream: stream} = state) do
     result(state.module.handle_stopped(code, stream, state.state), state, false)
   end
 

@@ -112,5 +112,6 @@ rustler::atoms! {
     send_quantum,
     max_send_udp_payload_size,
     retry_used,
+    held,
     fin,
 }

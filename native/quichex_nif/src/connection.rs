@@ -5,7 +5,6 @@
 //! `connection_send` returns all output of one send pass as GSO-ready
 //! batches, `connection_poll` reports what changed.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -27,8 +26,6 @@ pub struct ConnInner {
     pub conn: quiche::Connection,
     pub local: SocketAddr,
     scratch: Vec<u8>,
-    stopped_reported: HashSet<u64>,
-    stopped_seen: u64,
     /// Streams whose empty FIN is written once more after the next send pass.
     fin_repoke: Vec<u64>,
     /// Empty FINs written since the last send pass.
@@ -56,8 +53,6 @@ fn new_resource(conn: quiche::Connection, local: SocketAddr) -> ResourceArc<Conn
             conn,
             local,
             scratch: Vec::new(),
-            stopped_reported: HashSet::new(),
-            stopped_seen: 0,
             fin_repoke: Vec::new(),
             fins_this_pass: 0,
             tx_fresh: false,
@@ -362,33 +357,16 @@ fn connection_on_timeout(env: Env, conn: ResourceArc<ConnResource>) -> Term {
 
 /// Reports the connection's state after a pass:
 /// `{established?, draining?, closed?, timeout_ms | nil, readable_ids,
-///   stopped :: [{id, code}], peer_streams_left_bidi, peer_streams_left_uni}`.
+///   stop_sending_count, peer_streams_left_bidi, peer_streams_left_uni}`.
 #[rustler::nif]
 fn connection_poll<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<Term<'a>> {
     let mut guard = conn.lock()?;
     let inner = &mut *guard;
     let c = &mut inner.conn;
     let readable: Vec<u64> = c.readable().collect();
-    // STOP_SENDING: quiche marks a stopped stream writable. Scan the writable
-    // set only when its counter says a new one arrived; never drain it with
-    // stream_writable_next(), which would break quiche's own bookkeeping.
-    let mut stopped: Vec<(u64, u64)> = Vec::new();
+    // STOP_SENDING: the caller compares this counter with the last one it
+    // saw and asks connection_stopped_streams/2 about its streams when it grew.
     let stopped_count = c.stats().stopped_stream_count_remote;
-    if stopped_count > inner.stopped_seen {
-        let ids: Vec<u64> = c.writable().collect();
-        // writable() is empty while the connection has no send capacity:
-        // look again on a later pass then.
-        if !ids.is_empty() {
-            inner.stopped_seen = stopped_count;
-        }
-        for id in ids {
-            if let Err(quiche::Error::StreamStopped(code)) = c.stream_capacity(id) {
-                if inner.stopped_reported.insert(id) {
-                    stopped.push((id, code));
-                }
-            }
-        }
-    }
     let timeout = c.timeout().map(ceil_millis);
     let items = [
         c.is_established().encode(env),
@@ -396,7 +374,7 @@ fn connection_poll<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<
         c.is_closed().encode(env),
         timeout.encode(env),
         readable.encode(env),
-        stopped.encode(env),
+        stopped_count.encode(env),
         c.peer_streams_left_bidi().encode(env),
         c.peer_streams_left_uni().encode(env),
     ];

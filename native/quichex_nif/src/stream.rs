@@ -24,9 +24,13 @@ fn check_id(id: u64) -> Result<u64> {
     Ok(id)
 }
 
-/// Writes `[{id, data, fin?, force_fin?}]`; returns
-/// `[{id, written} | {id, :done} | {id, {:error, reason}}]`. `force_fin?`
-/// writes an empty FIN even when quiche's send capacity is stale (see
+/// Writes `[{id, data, fin?, force?}]`; returns `[{id, written} |
+/// {id, {:held, written}} | {id, :done} | {id, {:error, reason}}]`.
+///
+/// `{:held, written}`: every byte but the last went in; the caller keeps the
+/// last one and writes it with the next data or with the FIN (see
+/// `hold_last_byte`). `force?` writes as given: no byte held back, and an
+/// empty FIN even when quiche's send capacity is stale (see
 /// `connection::write_empty_fin`).
 /// `written` may be less than the data's size when flow control or the
 /// send buffer is full; `:done` means nothing (not even a FIN) was taken.
@@ -61,6 +65,17 @@ fn connection_stream_send<'a>(
                 }
                 res
             }
+            _ if !fin && !force_fin && hold_last_byte(&guard, id) => {
+                // See hold_last_byte: all but the last byte go in now.
+                match guard.conn.stream_send(id, &bytes[..len - 1], false) {
+                    Ok(n) if n == len - 1 => {
+                        budget -= n;
+                        out.push((id, (atoms::held(), n)).encode(env));
+                        continue;
+                    }
+                    other => other,
+                }
+            }
             _ => guard.conn.stream_send(id, &bytes[..len], fin),
         };
         let item = match res {
@@ -74,6 +89,19 @@ fn connection_stream_send<'a>(
         out.push(item);
     }
     Ok(out.encode(env))
+}
+
+/// Whether a write without FIN should keep its last byte back.
+///
+/// quiche 0.30 can lose a FIN written on its own after the stream's data
+/// (cloudflare/quiche#2525) once the stream can be collected, that is once
+/// the peer's side is finished too (a peer FIN read, or a stream we can only
+/// send on). Keeping the last byte lets the FIN that usually follows travel
+/// with data, which quiche always delivers.
+fn hold_last_byte(inner: &crate::connection::ConnInner, id: u64) -> bool {
+    let c = &inner.conn;
+    let local_uni = id & 0x2 != 0 && (id & 0x1 == 1) == c.is_server();
+    local_uni || c.stream_finished(id)
 }
 
 /// Reads `[{id, max_bytes}]`; returns `{results, more?}` where results hold,
@@ -202,4 +230,24 @@ fn connection_stream_status<'a>(
         capacity,
     )
         .encode(env))
+}
+
+/// Which of `ids` the peer asked us to stop sending on: `[{id, code}]`.
+/// Called when the STOP_SENDING counter of `connection_poll` grows. (quiche
+/// lists stopped streams in `writable()`, but that is empty while the
+/// connection has no send capacity, which is exactly when a writer waits.)
+#[rustler::nif]
+fn connection_stopped_streams(
+    conn: ResourceArc<ConnResource>,
+    ids: Vec<u64>,
+) -> Result<Vec<(u64, u64)>> {
+    let mut guard = conn.lock()?;
+    let c = &mut guard.conn;
+    let mut stopped = Vec::new();
+    for id in ids {
+        if let Err(quiche::Error::StreamStopped(code)) = c.stream_capacity(check_id(id)?) {
+            stopped.push((id, code));
+        }
+    }
+    Ok(stopped)
 }
