@@ -4,6 +4,9 @@ defmodule Quichex.Application do
 
   @impl Application
   def start(_type, _args) do
+    # Owned by the application master's process tree: lives as long as the app.
+    Quichex.Config.create_cache()
+
     children = [
       {DynamicSupervisor, name: Quichex.ConnectionSupervisor, strategy: :one_for_one}
     ]

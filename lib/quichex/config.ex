@@ -199,6 +199,9 @@ defmodule Quichex.Config do
 
   defstruct options: %{}
 
+  @cache :quichex_config_cache
+  @cache_size 64
+
   @typedoc "A validated configuration. Read it with `get/2`; change it with the setters."
   @type t :: %__MODULE__{options: %{optional(atom()) => term()}}
 
@@ -283,10 +286,44 @@ defmodule Quichex.Config do
   # Builds the native quiche config for a client or a server.
   @spec build(t(), :client | :server) :: {:ok, reference()} | {:error, Quichex.TransportError.t()}
   def build(%__MODULE__{} = config, role) when role in [:client, :server] do
-    case Quichex.Native.config_build(to_native(config, role)) do
-      {:ok, native} -> {:ok, native}
-      {:error, reason} -> {:error, Quichex.TransportError.exception(reason: reason)}
+    # Building a quiche::Config creates a TLS context and reads certificate
+    # files (milliseconds), so native configs are cached per config value.
+    key = {config.options, role}
+
+    case :ets.lookup(@cache, key) do
+      [{_, native}] ->
+        {:ok, native}
+
+      [] ->
+        case Quichex.Native.config_build(to_native(config, role)) do
+          {:ok, native} ->
+            if :ets.info(@cache, :size) >= @cache_size, do: :ets.delete_all_objects(@cache)
+            :ets.insert(@cache, {key, native})
+            {:ok, native}
+
+          {:error, reason} ->
+            {:error, Quichex.TransportError.exception(reason: reason)}
+        end
     end
+  end
+
+  @doc """
+  Forgets the native configs built so far. Connections and listeners build a
+  config's TLS context once per config value and reuse it; call this after
+  replacing certificate or key files on disk under the same paths.
+
+      iex> Quichex.Config.clear_cache()
+      :ok
+  """
+  @spec clear_cache() :: :ok
+  def clear_cache do
+    :ets.delete_all_objects(@cache)
+    :ok
+  end
+
+  @doc false
+  def create_cache do
+    :ets.new(@cache, [:named_table, :public, :set, read_concurrency: true])
   end
 
   @doc false

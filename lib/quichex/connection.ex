@@ -479,6 +479,7 @@ defmodule Quichex.Connection do
       close_code: 0,
       local_close: false,
       last_recv_at: 0,
+      write_blocked: false,
       # streams
       streams: %{},
       stream_ids: %{},
@@ -592,10 +593,10 @@ defmodule Quichex.Connection do
     drive(state, handle_packets(data, packets))
   end
 
-  defp common(state, :info, :quichex_pass, data), do: drive(state, data)
+  defp common(state, :info, :quichex_pass, data), do: drive(state, %{data | write_blocked: false})
 
   defp common(state, :info, {:quichex_flush_held, id}, data),
-    do: drive(state, flush_held(data, id))
+    do: drive(state, %{flush_held(data, id) | write_blocked: false})
 
   defp common(state, {:timeout, :quic}, :fire, data) do
     :ok = Native.connection_on_timeout(data.native)
@@ -679,7 +680,7 @@ defmodule Quichex.Connection do
 
   defp handle_packets(data, packets) do
     {:ok, _accepted} = Native.connection_recv(data.native, packets)
-    %{data | last_recv_at: System.monotonic_time(:millisecond)}
+    %{data | last_recv_at: System.monotonic_time(:millisecond), write_blocked: false}
   end
 
   # One pass after any input: dispatch what quiche reports, flush output,
@@ -1231,7 +1232,7 @@ defmodule Quichex.Connection do
           new_entry(ref, bin, fin, timer)
       end
 
-    write_pending(%{data | pending: Map.put(data.pending, id, entry)})
+    write_entries(%{data | pending: Map.put(data.pending, id, entry)}, [id])
   end
 
   defp handle_stream_msg({:shutdown, id, directions, code}, data) do
@@ -1261,17 +1262,27 @@ defmodule Quichex.Connection do
     end
   end
 
+  # Pending writes are retried after packets arrived (ACKs and flow-control
+  # credit are the only things that unblock them), or when asked to (new
+  # data, a flushed byte, a FIN timer); a pass that moved nothing marks them
+  # blocked, so a thousand waiting streams cost nothing per unrelated event.
   defp write_pending(%{pending: pending} = data) when map_size(pending) == 0, do: data
+  defp write_pending(%{write_blocked: true} = data), do: data
+  defp write_pending(data), do: write_entries(data, Map.keys(data.pending))
 
-  defp write_pending(data) do
+  defp write_entries(data, ids) do
     now = System.monotonic_time(:millisecond)
 
     writes =
-      for {id, %{data: bin, fin: fin} = entry} <- data.pending, writable_now?(entry) do
+      for id <- ids, %{data: bin, fin: fin} = entry = data.pending[id], writable_now?(entry) do
         {id, bin, fin, entry.flush or force_fin?(entry, data, now)}
       end
 
     {:ok, results} = Native.connection_stream_send(data.native, writes)
+    progress? = Enum.any?(results, &(not match?({_, :done}, &1)))
+
+    data =
+      if ids == Map.keys(data.pending), do: %{data | write_blocked: not progress?}, else: data
 
     Enum.reduce(results, data, fn
       {id, :done}, acc ->

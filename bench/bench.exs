@@ -1,0 +1,700 @@
+# Benchmarks: Quichex against raw quiche, built and run in the same run.
+#
+#     make bench                      # every scenario, 3 runs each
+#     mix run bench/bench.exs -- --only rtt,bulk --runs 1 --bulk-size 104857600
+#     mix run bench/bench.exs -- --idle 100000
+#
+# Each scenario runs the Rust baseline (bench/quiche_baseline: quiche over
+# plain UDP sockets, no BEAM) and then the same scenario through the public
+# Quichex API (a Listener with a `use Quichex.Handler` server, a
+# Quichex.Connection / Quichex.Stream client), and reports medians and the
+# ratio. Results go to bench/results/latest.md and latest.json.
+
+defmodule Bench.Sink do
+  @moduledoc "Reads and discards a stream; answers \"ok\" with FIN after the peer's FIN."
+  use Quichex.Handler
+
+  @impl Quichex.Handler
+  def handle_data(_data, _stream, state), do: {:continue, state}
+
+  @impl Quichex.Handler
+  def handle_fin(stream, state) do
+    _ = Quichex.Stream.send(stream, "ok", fin: true)
+    {:close, state}
+  end
+end
+
+defmodule Bench.Echo do
+  @moduledoc "Echoes a stream back; FIN after the peer's FIN."
+  use Quichex.Handler
+
+  @impl Quichex.Handler
+  def handle_data(data, stream, state) do
+    :ok = Quichex.Stream.send(stream, data, timeout: 60_000)
+    {:continue, state}
+  end
+
+  @impl Quichex.Handler
+  def handle_fin(stream, state) do
+    _ = Quichex.Stream.close(stream)
+    {:close, state}
+  end
+end
+
+defmodule Bench do
+  @alpn "quichex-bench"
+  @baseline_dir Path.expand("quiche_baseline", __DIR__)
+  @results_dir Path.expand("results", __DIR__)
+
+  # The transport settings both sides use (the baseline hard-codes the same).
+  @transport [
+    max_idle_timeout: 30_000,
+    initial_max_data: 10_000_000,
+    initial_max_stream_data_bidi_local: 1_000_000,
+    initial_max_stream_data_bidi_remote: 1_000_000,
+    initial_max_stream_data_uni: 1_000_000,
+    initial_max_streams_bidi: 2_000,
+    initial_max_streams_uni: 100,
+    max_send_udp_payload_size: 1350
+  ]
+
+  def main(argv) do
+    argv = Enum.drop_while(argv, &(&1 == "--"))
+
+    {opts, _, _} =
+      OptionParser.parse(argv,
+        strict: [
+          only: :string,
+          runs: :integer,
+          bulk_size: :integer,
+          idle: :integer,
+          cc: :string,
+          rtt_rounds: :integer
+        ]
+      )
+
+    runs = opts[:runs] || 3
+    cc = String.to_atom(opts[:cc] || "cubic")
+
+    settings = %{
+      cc: cc,
+      bulk_size: opts[:bulk_size] || 1_073_741_824,
+      rtt_rounds: opts[:rtt_rounds] || 10_000,
+      idle: opts[:idle] || 10_000
+    }
+
+    scenarios = scenarios(settings)
+
+    scenarios =
+      case opts[:only] do
+        nil -> scenarios
+        list -> Enum.filter(scenarios, &(&1.name in String.split(list, ",")))
+      end
+
+    dir = Path.join(System.tmp_dir!(), "quichex-bench-#{System.unique_integer([:positive])}")
+    {cert, key} = self_signed_cert!(dir)
+    baseline = build_baseline!()
+
+    env = %{cert: cert, key: key, baseline: baseline, settings: settings}
+    IO.puts("machine: #{machine()}; cc: #{cc}; runs per scenario: #{runs}")
+
+    rows =
+      for scenario <- scenarios do
+        samples =
+          for run <- 1..runs do
+            IO.write("  #{scenario.name} run #{run}/#{runs}: baseline... ")
+            base = scenario.baseline.(env)
+            IO.write("#{fmt(base[scenario.metric])} #{scenario.unit}; quichex... ")
+            ours = scenario.quichex.(env)
+            IO.puts("#{fmt(ours[scenario.metric])} #{scenario.unit}")
+            %{baseline: base, quichex: ours}
+          end
+
+        summarize(scenario, samples)
+      end
+
+    File.rm_rf(dir)
+    report(rows, settings, runs)
+  end
+
+  ## Scenarios
+
+  defp scenarios(s) do
+    [
+      %{
+        name: "bulk",
+        desc: "one stream, #{div(s.bulk_size, 1_048_576)} MiB client -> server",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline: &baseline(&1, "sink", ["--scenario", "bulk", "--size", "#{s.bulk_size}"]),
+        quichex: &with_listener(&1, Bench.Sink, fn port -> bulk(port, s.bulk_size, s.cc) end)
+      },
+      %{
+        name: "bulk_gso",
+        desc: "as bulk, against raw quiche with UDP GSO (client) and GRO (server)",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline:
+          &baseline(&1, "sink", ["--scenario", "bulk", "--size", "#{s.bulk_size}", "--gso"], [
+            "--gro"
+          ]),
+        quichex: &with_listener(&1, Bench.Sink, fn port -> bulk(port, s.bulk_size, s.cc) end)
+      },
+      %{
+        name: "rtt_p50",
+        desc: "64 B request/response on one stream, #{s.rtt_rounds} rounds, p50",
+        metric: :p50_us,
+        unit: "us",
+        better: :lower,
+        baseline: &baseline(&1, "echo", ["--scenario", "rtt", "--rounds", "#{s.rtt_rounds}"]),
+        quichex: &with_listener(&1, Bench.Echo, fn port -> rtt(port, s.rtt_rounds, s.cc) end)
+      },
+      %{
+        name: "rtt_p99",
+        desc: "64 B request/response on one stream, p99",
+        metric: :p99_us,
+        unit: "us",
+        better: :lower,
+        baseline: &baseline(&1, "echo", ["--scenario", "rtt", "--rounds", "#{s.rtt_rounds}"]),
+        quichex: &with_listener(&1, Bench.Echo, fn port -> rtt(port, s.rtt_rounds, s.cc) end)
+      },
+      %{
+        name: "rtt_streams",
+        desc: "64 B request/response, a new stream per request, p50",
+        metric: :p50_us,
+        unit: "us",
+        better: :lower,
+        baseline: &baseline(&1, "echo", ["--scenario", "rtt_streams", "--rounds", "2000"]),
+        quichex: &with_listener(&1, Bench.Echo, fn port -> rtt_streams(port, 2_000, s.cc) end)
+      },
+      %{
+        name: "handshakes",
+        desc: "sequential handshakes per second (1000)",
+        metric: :per_s,
+        unit: "/s",
+        better: :higher,
+        baseline: &baseline(&1, "echo", ["--scenario", "handshakes", "--rounds", "1000"]),
+        quichex: &with_listener(&1, Bench.Echo, fn port -> handshakes(port, 1_000, 1, s.cc) end)
+      },
+      %{
+        name: "handshakes_64",
+        desc: "handshakes per second, 64 in flight (2000)",
+        metric: :per_s,
+        unit: "/s",
+        better: :higher,
+        baseline:
+          &baseline(&1, "echo", [
+            "--scenario",
+            "handshakes",
+            "--rounds",
+            "2000",
+            "--concurrency",
+            "64"
+          ]),
+        quichex: &with_listener(&1, Bench.Echo, fn port -> handshakes(port, 2_000, 64, s.cc) end)
+      },
+      %{
+        name: "streams",
+        desc: "1000 concurrent streams x 1 MB on one connection",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline:
+          &baseline(&1, "sink", [
+            "--scenario",
+            "streams",
+            "--streams",
+            "1000",
+            "--size",
+            "1048576"
+          ]),
+        quichex:
+          &with_listener(&1, Bench.Sink, fn port -> streams(port, 1_000, 1_048_576, s.cc) end)
+      },
+      %{
+        name: "idle",
+        desc: "#{s.idle} idle connections to one server, memory per connection",
+        metric: :kb_per_conn,
+        unit: "KB",
+        better: :lower,
+        baseline: &idle_baseline(&1, s.idle),
+        quichex: &idle_quichex(&1, s.idle)
+      }
+    ]
+  end
+
+  ## Quichex side
+
+  defp server_config(env, cc) do
+    Quichex.Config.new(
+      [
+        application_protos: [@alpn],
+        load_cert_chain_from_pem_file: env.cert,
+        load_priv_key_from_pem_file: env.key,
+        cc_algorithm: cc
+      ] ++ @transport
+    )
+  end
+
+  defp client_config(cc) do
+    Quichex.Config.new(
+      [application_protos: [@alpn], verify_peer: false, cc_algorithm: cc] ++ @transport
+    )
+  end
+
+  defp with_listener(env, handler, fun) do
+    {listener, port} = start_listener(env, handler)
+
+    try do
+      fun.(port)
+    after
+      Quichex.Listener.stop(listener)
+    end
+  end
+
+  defp start_listener(env, handler) do
+    {:ok, listener} =
+      Quichex.Listener.start_link(
+        ip: {127, 0, 0, 1},
+        port: 0,
+        config: server_config(env, env.settings.cc),
+        handler: handler,
+        max_connections: 200_000
+      )
+
+    {:ok, {_, port}} = Quichex.Listener.sockname(listener)
+    {listener, port}
+  end
+
+  defp connect!(port, cc) do
+    {:ok, conn} =
+      Quichex.Connection.connect(
+        host: "127.0.0.1",
+        port: port,
+        config: client_config(cc),
+        active: false
+      )
+
+    :ok = Quichex.Connection.wait_connected(conn, timeout: 10_000)
+    conn
+  end
+
+  defp bulk(port, size, cc) do
+    conn = connect!(port, cc)
+    chunk = :binary.copy(<<0xAB>>, 1_048_576)
+    {:ok, stream} = Quichex.Connection.open_stream(conn)
+    started = System.monotonic_time(:microsecond)
+    send_bytes(stream, chunk, size)
+    {:ok, "ok", true} = recv_all(stream)
+    seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
+    :ok = Quichex.Connection.close(conn)
+    %{bytes: size, seconds: seconds, mb_per_s: size / seconds / 1_000_000}
+  end
+
+  defp send_bytes(stream, chunk, left) when left <= byte_size(chunk) do
+    :ok = Quichex.Stream.send(stream, binary_part(chunk, 0, left), fin: true, timeout: 60_000)
+  end
+
+  defp send_bytes(stream, chunk, left) do
+    :ok = Quichex.Stream.send(stream, chunk, timeout: 60_000)
+    send_bytes(stream, chunk, left - byte_size(chunk))
+  end
+
+  defp recv_all(stream, acc \\ []) do
+    case Quichex.Stream.recv(stream, timeout: 60_000) do
+      {:ok, data, true} -> {:ok, IO.iodata_to_binary([acc | data]), true}
+      {:ok, data, false} -> recv_all(stream, [acc | data])
+      error -> error
+    end
+  end
+
+  defp rtt(port, rounds, cc) do
+    conn = connect!(port, cc)
+    {:ok, stream} = Quichex.Connection.open_stream(conn)
+    request = :binary.copy("r", 64)
+
+    times =
+      for _ <- 1..rounds do
+        t0 = System.monotonic_time(:nanosecond)
+        :ok = Quichex.Stream.send(stream, request)
+        {:ok, _, false} = Quichex.Stream.recv(stream, length: 64, timeout: 5_000)
+        System.monotonic_time(:nanosecond) - t0
+      end
+
+    :ok = Quichex.Connection.close(conn)
+    percentiles(times, rounds)
+  end
+
+  defp rtt_streams(port, rounds, cc) do
+    conn = connect!(port, cc)
+    request = :binary.copy("r", 64)
+
+    times =
+      for _ <- 1..rounds do
+        t0 = System.monotonic_time(:nanosecond)
+        {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, timeout: 5_000)
+        :ok = Quichex.Stream.send(stream, request, fin: true)
+        {:ok, _, true} = recv_all(stream)
+        System.monotonic_time(:nanosecond) - t0
+      end
+
+    :ok = Quichex.Connection.close(conn)
+    percentiles(times, rounds)
+  end
+
+  defp percentiles(times_ns, rounds) do
+    sorted = Enum.sort(times_ns)
+    at = fn q -> Enum.at(sorted, min(round(q * rounds), rounds - 1)) / 1_000 end
+
+    %{
+      rounds: rounds,
+      p50_us: at.(0.5),
+      p99_us: at.(0.99),
+      mean_us: Enum.sum(sorted) / rounds / 1_000
+    }
+  end
+
+  defp handshakes(port, count, concurrency, cc) do
+    config = client_config(cc)
+    started = System.monotonic_time(:microsecond)
+
+    1..count
+    |> Task.async_stream(
+      fn _ ->
+        {:ok, conn} =
+          Quichex.Connection.connect(host: "127.0.0.1", port: port, config: config, active: false)
+
+        :ok = Quichex.Connection.wait_connected(conn, timeout: 10_000)
+        :ok = Quichex.Connection.close(conn)
+      end,
+      max_concurrency: concurrency,
+      timeout: 30_000
+    )
+    |> Stream.run()
+
+    seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
+    %{count: count, seconds: seconds, per_s: count / seconds}
+  end
+
+  defp streams(port, count, size, cc) do
+    conn = connect!(port, cc)
+    payload = :binary.copy(<<0xCD>>, size)
+    started = System.monotonic_time(:microsecond)
+
+    1..count
+    |> Task.async_stream(
+      fn _ ->
+        {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, timeout: 30_000)
+        :ok = Quichex.Stream.send(stream, payload, fin: true, timeout: 120_000)
+        {:ok, "ok", true} = recv_all(stream)
+      end,
+      max_concurrency: count,
+      timeout: 180_000
+    )
+    |> Stream.run()
+
+    seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
+    :ok = Quichex.Connection.close(conn)
+    %{bytes: count * size, seconds: seconds, mb_per_s: count * size / seconds / 1_000_000}
+  end
+
+  # Idle connections come from the baseline client (a separate OS process),
+  # so the numbers are the server's alone: BEAM memory (processes, binaries,
+  # ETS) and everything else in the VM's RSS, which is quiche's.
+  defp idle_quichex(env, n) do
+    {listener, port} = start_listener(env, Bench.Echo)
+
+    try do
+      :erlang.garbage_collect()
+      beam0 = :erlang.memory()
+      rss0 = rss_kb(System.pid())
+      client = start_idle_client(env, port, n)
+      wait_line(client, "IDLE_READY", 300_000)
+      Enum.each(Process.list(), &:erlang.garbage_collect/1)
+      beam1 = :erlang.memory()
+      rss1 = rss_kb(System.pid())
+      {:ok, stats} = Quichex.Listener.stats(listener)
+      Port.command(client, "done\n")
+      wait_exit(client, 120_000)
+
+      beam_kb = (beam1[:total] - beam0[:total]) / 1024 / n
+      rss_kb_per = (rss1 - rss0) / n
+
+      %{
+        connections: stats.connections,
+        kb_per_conn: rss_kb_per,
+        beam_kb_per_conn: beam_kb,
+        processes_kb_per_conn: (beam1[:processes] - beam0[:processes]) / 1024 / n,
+        binary_kb_per_conn: (beam1[:binary] - beam0[:binary]) / 1024 / n,
+        ets_kb_per_conn: (beam1[:ets] - beam0[:ets]) / 1024 / n,
+        nif_kb_per_conn: rss_kb_per - beam_kb
+      }
+    after
+      Quichex.Listener.stop(listener)
+    end
+  end
+
+  defp idle_baseline(env, n) do
+    server = start_baseline_server(env, "echo")
+    rss0 = rss_kb(server.os_pid)
+    client = start_idle_client(env, server.port, n)
+    wait_line(client, "IDLE_READY", 300_000)
+    rss1 = rss_kb(server.os_pid)
+    Port.command(client, "done\n")
+    wait_exit(client, 120_000)
+    stop_port(server.port_ref)
+    %{connections: n, kb_per_conn: (rss1 - rss0) / n}
+  end
+
+  defp start_idle_client(env, port, n) do
+    Port.open({:spawn_executable, env.baseline}, [
+      :binary,
+      :exit_status,
+      {:line, 65_536},
+      args: [
+        "client",
+        "--port",
+        "#{port}",
+        "--scenario",
+        "idle",
+        "--concurrency",
+        "#{n}",
+        "--cc",
+        "#{env.settings.cc}"
+      ]
+    ])
+  end
+
+  ## Baseline side
+
+  defp build_baseline! do
+    IO.puts("building bench/quiche_baseline (cargo build --release)...")
+
+    {out, status} =
+      System.cmd("cargo", ["build", "--release", "--locked", "--quiet"],
+        cd: @baseline_dir,
+        stderr_to_stdout: true
+      )
+
+    if status != 0, do: raise("cargo build of the baseline failed:\n#{out}")
+    Path.join([@baseline_dir, "target", "release", "quiche_baseline"])
+  end
+
+  defp start_baseline_server(env, mode, extra \\ []) do
+    args =
+      ["server", "--port", "0", "--cert", env.cert, "--key", env.key, "--mode", mode] ++
+        ["--cc", "#{env.settings.cc}" | extra]
+
+    port_ref =
+      Port.open({:spawn_executable, env.baseline}, [
+        :binary,
+        :exit_status,
+        {:line, 65_536},
+        args: args
+      ])
+
+    {:os_pid, os_pid} = Port.info(port_ref, :os_pid)
+    "LISTENING " <> port = wait_line(port_ref, "LISTENING", 10_000)
+    %{port_ref: port_ref, port: String.to_integer(port), os_pid: os_pid}
+  end
+
+  defp baseline(env, mode, client_args, server_args \\ []) do
+    server = start_baseline_server(env, mode, server_args)
+
+    {out, status} =
+      System.cmd(
+        env.baseline,
+        ["client", "--port", "#{server.port}", "--cc", "#{env.settings.cc}" | client_args],
+        stderr_to_stdout: true
+      )
+
+    stop_port(server.port_ref)
+    if status != 0, do: raise("baseline client failed: #{out}")
+    out |> String.split("\n", trim: true) |> List.last() |> parse_json()
+  end
+
+  defp wait_line(port, prefix, timeout) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        if String.starts_with?(line, prefix), do: line, else: wait_line(port, prefix, timeout)
+
+      {^port, {:exit_status, status}} ->
+        raise "baseline exited with #{status} before #{prefix}"
+    after
+      timeout -> raise "no #{prefix} from the baseline within #{timeout} ms"
+    end
+  end
+
+  defp wait_exit(port, timeout) do
+    receive do
+      {^port, {:exit_status, _}} -> :ok
+      {^port, {:data, _}} -> wait_exit(port, timeout)
+    after
+      timeout -> stop_port(port)
+    end
+  end
+
+  defp stop_port(port) do
+    Port.close(port)
+  catch
+    _, _ -> :ok
+  end
+
+  # The baseline prints flat JSON objects of numbers and strings.
+  defp parse_json(line) do
+    ~r/"([a-z0-9_]+)"\s*:\s*("([^"]*)"|[-0-9.eE+]+|true|false|null)/
+    |> Regex.scan(line)
+    |> Map.new(fn
+      [_, key, _, string] when string != "" -> {String.to_atom(key), string}
+      [_, key, value | _] -> {String.to_atom(key), number(value)}
+    end)
+  end
+
+  defp number(v) do
+    case Float.parse(v) do
+      {f, ""} -> f
+      _ -> v
+    end
+  end
+
+  ## Report
+
+  defp summarize(scenario, samples) do
+    base = Enum.map(samples, &to_num(&1.baseline[scenario.metric]))
+    ours = Enum.map(samples, &to_num(&1.quichex[scenario.metric]))
+    mb = median(base)
+    mo = median(ours)
+    ratio = if scenario.better == :higher, do: mo / mb, else: mb / mo
+
+    %{
+      name: scenario.name,
+      desc: scenario.desc,
+      unit: scenario.unit,
+      better: scenario.better,
+      baseline: mb,
+      quichex: mo,
+      ratio: ratio,
+      quichex_min: Enum.min(ours),
+      quichex_max: Enum.max(ours),
+      baseline_min: Enum.min(base),
+      baseline_max: Enum.max(base),
+      details: samples |> List.last() |> Map.get(:quichex)
+    }
+  end
+
+  defp to_num(n) when is_number(n), do: n
+  defp to_num(_), do: 0.0
+
+  defp median(list) do
+    sorted = Enum.sort(list)
+    n = length(sorted)
+
+    if rem(n, 2) == 1,
+      do: Enum.at(sorted, div(n, 2)),
+      else: (Enum.at(sorted, div(n, 2) - 1) + Enum.at(sorted, div(n, 2))) / 2
+  end
+
+  defp report(rows, settings, runs) do
+    header =
+      "| scenario | raw quiche (median) | Quichex (median) | ratio (Quichex/raw, >1 better) | Quichex min..max | raw min..max |"
+
+    sep = "|---|---|---|---|---|---|"
+
+    lines =
+      for r <- rows do
+        "| #{r.name}: #{r.desc} | #{fmt(r.baseline)} #{r.unit} | #{fmt(r.quichex)} #{r.unit} | #{fmt(r.ratio)} | " <>
+          "#{fmt(r.quichex_min)}..#{fmt(r.quichex_max)} | #{fmt(r.baseline_min)}..#{fmt(r.baseline_max)} |"
+      end
+
+    table = Enum.join([header, sep | lines], "\n")
+    IO.puts("\n" <> table)
+
+    File.mkdir_p!(@results_dir)
+
+    md = """
+    # Benchmark results
+
+    Generated by `make bench` on #{DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601()}.
+    Machine: #{machine()}. Congestion control: #{settings.cc}. #{runs} runs per scenario, medians.
+    Ratios are Quichex relative to raw quiche built and run in the same run; for
+    latency and memory the ratio is raw/Quichex, so above 1 is always better.
+
+    #{table}
+
+    Idle connection breakdown (Quichex, last run): #{inspect(Enum.find_value(rows, fn r -> r.name == "idle" && r.details end))}
+    """
+
+    File.write!(Path.join(@results_dir, "latest.md"), md)
+    File.write!(Path.join(@results_dir, "latest.json"), json(rows))
+    IO.puts("\nwrote bench/results/latest.md and latest.json")
+  end
+
+  defp json(rows) do
+    items =
+      Enum.map(rows, fn r ->
+        fields =
+          [
+            name: r.name,
+            unit: r.unit,
+            baseline: r.baseline,
+            quichex: r.quichex,
+            ratio: r.ratio,
+            quichex_min: r.quichex_min,
+            quichex_max: r.quichex_max
+          ]
+          |> Enum.map_join(", ", fn {k, v} -> "\"#{k}\": #{encode(v)}" end)
+
+        "  {" <> fields <> "}"
+      end)
+
+    "[\n" <> Enum.join(items, ",\n") <> "\n]\n"
+  end
+
+  defp encode(v) when is_binary(v), do: inspect(v)
+  defp encode(v) when is_float(v), do: Float.round(v, 3) |> to_string()
+  defp encode(v), do: to_string(v)
+
+  defp fmt(v) when is_float(v),
+    do: :erlang.float_to_binary(v, decimals: if(abs(v) >= 100, do: 0, else: 2))
+
+  defp fmt(v) when is_integer(v), do: Integer.to_string(v)
+  defp fmt(v), do: inspect(v)
+
+  defp machine do
+    cores = System.schedulers_online()
+    {mem, _} = System.cmd("sh", ["-c", "grep MemTotal /proc/meminfo | awk '{print $2}'"])
+    gib = String.trim(mem) |> String.to_integer() |> div(1024 * 1024)
+    "#{cores} cores, #{gib} GiB, OTP #{System.otp_release()}, Elixir #{System.version()}"
+  end
+
+  defp rss_kb(os_pid) do
+    case File.read("/proc/#{os_pid}/status") do
+      {:ok, status} ->
+        [_, kb] = Regex.run(~r/VmRSS:\s+(\d+) kB/, status)
+        String.to_integer(kb)
+
+      _ ->
+        0
+    end
+  end
+
+  defp self_signed_cert!(dir) do
+    File.mkdir_p!(dir)
+    cert = Path.join(dir, "cert.pem")
+    key = Path.join(dir, "key.pem")
+
+    {_, 0} =
+      System.cmd(
+        "openssl",
+        ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1
+           -subj /CN=localhost -keyout #{key} -out #{cert}),
+        stderr_to_stdout: true
+      )
+
+    {cert, key}
+  end
+end
+
+Bench.main(System.argv())
