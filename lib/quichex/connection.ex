@@ -1199,9 +1199,9 @@ defmodule Quichex.Connection do
       {nil, _} ->
         data
 
-      {%{ref: ref, timer: timer}, pending} ->
+      {%{timer: timer} = entry, pending} ->
         cancel_timer(timer)
-        notify_stream(data, id, {:quic_send_result, ref, result})
+        send_result(data, id, entry, result)
         %{data | pending: pending}
     end
   end
@@ -1215,7 +1215,7 @@ defmodule Quichex.Connection do
     end
   end
 
-  defp handle_stream_msg({:send, id, ref, bin, fin, timeout}, data) do
+  defp handle_stream_msg({:send, id, ref, bin, fin, timeout, from}, data) do
     timer =
       case timeout do
         :infinity -> nil
@@ -1226,10 +1226,10 @@ defmodule Quichex.Connection do
       case data.pending do
         # A byte held back from the previous write goes first.
         %{^id => %{ref: nil, data: held}} ->
-          %{new_entry(ref, bin, fin, timer) | data: held <> bin}
+          %{new_entry(ref, from, bin, fin, timer) | data: held <> bin}
 
         _ ->
-          new_entry(ref, bin, fin, timer)
+          new_entry(ref, from, bin, fin, timer)
       end
 
     write_entries(%{data | pending: Map.put(data.pending, id, entry)}, [id])
@@ -1245,8 +1245,15 @@ defmodule Quichex.Connection do
     end
   end
 
-  defp new_entry(ref, bin, fin, timer),
-    do: %{ref: ref, data: bin, fin: fin, timer: timer, fin_wait: nil, flush: false}
+  defp new_entry(ref, from, bin, fin, timer),
+    do: %{ref: ref, from: from, data: bin, fin: fin, timer: timer, fin_wait: nil, flush: false}
+
+  # Tells the stream process first, then answers the caller blocked in send/3.
+  defp send_result(data, id, %{ref: ref, from: from}, result) do
+    if ref, do: notify_stream(data, id, {:quic_send_result, ref, result})
+    if from, do: :gen_statem.reply(from, result)
+    :ok
+  end
 
   defp expire_send(data, id, ref) do
     case data.pending do
@@ -1299,7 +1306,7 @@ defmodule Quichex.Connection do
 
         if written == byte_size(bin) do
           cancel_timer(entry.timer)
-          notify_stream(acc, id, {:quic_send_result, entry.ref, :ok})
+          send_result(acc, id, entry, :ok)
           %{acc | pending: Map.delete(acc.pending, id)}
         else
           rest = binary_part(bin, written, byte_size(bin) - written)
@@ -1316,9 +1323,18 @@ defmodule Quichex.Connection do
 
     if written == byte_size(bin) - 1 do
       cancel_timer(entry.timer)
-      if entry.ref, do: notify_stream(data, id, {:quic_send_result, entry.ref, :ok})
+      send_result(data, id, entry, :ok)
       Process.send_after(self(), {:quichex_flush_held, id}, @hold_ms)
-      held = %{entry | ref: nil, timer: nil, data: binary_part(bin, written, 1), flush: false}
+
+      held = %{
+        entry
+        | ref: nil,
+          from: nil,
+          timer: nil,
+          data: binary_part(bin, written, 1),
+          flush: false
+      }
+
       %{data | pending: Map.put(data.pending, id, held)}
     else
       rest = binary_part(bin, written, byte_size(bin) - written)
@@ -1327,7 +1343,7 @@ defmodule Quichex.Connection do
   end
 
   # A held byte is written with what follows it, or alone once flushed.
-  defp writable_now?(%{ref: nil, flush: flush}), do: flush
+  defp writable_now?(%{from: nil, ref: nil, flush: flush}), do: flush
   defp writable_now?(_entry), do: true
 
   defp flush_held(data, id) do
@@ -1371,9 +1387,9 @@ defmodule Quichex.Connection do
   defp end_streams(data, reason) do
     for {from, _, _, _, _} <- data.open_waiters, do: :gen_statem.reply(from, {:error, :closed})
 
-    Enum.each(data.pending, fn {id, %{ref: ref, timer: timer}} ->
+    Enum.each(data.pending, fn {id, %{timer: timer} = entry} ->
       cancel_timer(timer)
-      notify_stream(data, id, {:quic_send_result, ref, {:error, :closed}})
+      send_result(data, id, entry, {:error, :closed})
     end)
 
     Enum.each(data.streams, fn {_id, pid} -> send(pid, {:quic_conn_closed, reason}) end)
