@@ -114,7 +114,9 @@ defmodule Quichex.Connection do
   @type t :: pid()
 
   @cid_len 16
-  @send_budget 256
+  # Packets per connection_send call (one full GSO batch): well under a
+  # millisecond of NIF work.
+  @send_budget 64
   @drain_cap_ms 3_000
   # Application error code sent when the controlling process exits.
   @owner_down_code 0

@@ -69,7 +69,7 @@ defmodule Quichex.Stream do
   alias Quichex.Telemetry
 
   @owner_down_code 0x0101
-  @chunk 1_048_576
+  @chunk 262_144
 
   @type t :: pid()
   @type active :: boolean() | :once | pos_integer()

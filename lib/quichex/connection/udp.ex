@@ -13,7 +13,7 @@ defmodule Quichex.Connection.UDP do
   @recv_size 65_536
   # Messages per read batch: with GRO up to ~48 datagrams each, so one batch
   # stays within about a millisecond of NIF work.
-  @max_reads 16
+  @max_reads 8
 
   @doc false
   def open(ip, port) do

@@ -9,11 +9,11 @@ use crate::error::{encode_quiche_error, Error, Result};
 use crate::util::{unit_result, MAX_VARINT};
 
 /// Most bytes one stream hands out per `connection_stream_recv` entry.
-const MAX_RECV_CHUNK: usize = 1 << 20;
+const MAX_RECV_CHUNK: usize = 256 << 10;
 /// Most bytes all entries of one `connection_stream_recv` call hand out.
-const MAX_RECV_TOTAL: usize = 4 << 20;
+const MAX_RECV_TOTAL: usize = 1 << 20;
 /// Most bytes one `connection_stream_send` call copies into quiche.
-const MAX_SEND_TOTAL: usize = 8 << 20;
+const MAX_SEND_TOTAL: usize = 1 << 20;
 /// Most empty FINs written per send pass (see `write_empty_fin`).
 const MAX_EMPTY_FINS_PER_PASS: usize = 16;
 
