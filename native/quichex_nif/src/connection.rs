@@ -25,7 +25,6 @@ pub const MAX_SEND_PACKETS: usize = 256;
 pub struct ConnInner {
     pub conn: quiche::Connection,
     pub local: SocketAddr,
-    scratch: Vec<u8>,
     /// Streams whose empty FIN is written once more after the next send pass.
     fin_repoke: Vec<u64>,
     /// Empty FINs written since the last send pass.
@@ -52,7 +51,6 @@ fn new_resource(conn: quiche::Connection, local: SocketAddr) -> ResourceArc<Conn
         inner: Mutex::new(ConnInner {
             conn,
             local,
-            scratch: Vec::new(),
             fin_repoke: Vec::new(),
             fins_this_pass: 0,
             tx_fresh: false,
@@ -205,10 +203,13 @@ fn connection_recv(
                 let len = first_packet_len(rest);
                 let (packet, tail) = rest.split_at(len);
                 rest = tail;
-                inner.scratch.clear();
-                inner.scratch.extend_from_slice(packet);
                 let info = quiche::RecvInfo { from, to };
-                if inner.conn.recv(&mut inner.scratch, info).is_ok() {
+                let ok = SCRATCH.with_borrow_mut(|scratch| {
+                    scratch.clear();
+                    scratch.extend_from_slice(packet);
+                    inner.conn.recv(scratch, info).is_ok()
+                });
+                if ok {
                     accepted += 1;
                 }
             }
@@ -216,6 +217,13 @@ fn connection_recv(
     }
     inner.tx_fresh = true;
     Ok(accepted)
+}
+
+thread_local! {
+    /// Packet buffer shared by every connection handled on this scheduler
+    /// thread (a NIF call runs start to end on one thread), so an idle
+    /// connection holds no buffer of its own.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Reads a QUIC variable-length integer at `pos`: `(value, bytes)`.
@@ -274,6 +282,56 @@ struct Batch {
     count: usize,
 }
 
+/// Runs quiche's send loop into `buf`, grouping packets into GSO batches:
+/// a batch ends at a packet shorter than its segment size, a new
+/// destination, 64 segments or 65,000 bytes. Sets `more` to false when
+/// quiche has nothing left to send.
+fn send_batches(
+    conn: &mut quiche::Connection,
+    buf: &mut [u8],
+    max_packets: usize,
+    mtu: usize,
+    more: &mut bool,
+) -> Vec<Batch> {
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut off = 0usize;
+    for _ in 0..max_packets {
+        let (n, info) = match conn.send(&mut buf[off..off + mtu]) {
+            Ok(v) => v,
+            Err(_) => {
+                // Done, or a fatal error that closed the connection (poll reports it).
+                *more = false;
+                break;
+            }
+        };
+        let extend = match batches.last() {
+            Some(b) => {
+                b.to == info.to
+                    && b.len % b.seg == 0
+                    && n <= b.seg
+                    && b.count < MAX_GSO_SEGMENTS
+                    && b.len + n <= MAX_GSO_BYTES
+            }
+            None => false,
+        };
+        match batches.last_mut() {
+            Some(b) if extend => {
+                b.len += n;
+                b.count += 1;
+            }
+            _ => batches.push(Batch {
+                to: info.to,
+                start: off,
+                len: n,
+                seg: n.max(1),
+                count: 1,
+            }),
+        }
+        off += n;
+    }
+    batches
+}
+
 /// Runs quiche's send loop for at most `max_packets` packets. Returns
 /// `{batches, more?, timeout_ms | nil, closed?}`: each batch is
 /// `{to, binary, segment_size}` where every segment but the last has exactly
@@ -289,55 +347,21 @@ fn connection_send<'a>(
     let inner = &mut *guard;
     let max_packets = max_packets.clamp(1, MAX_SEND_PACKETS);
     let mtu = inner.conn.max_send_udp_payload_size().max(1200);
-    let needed = max_packets * mtu;
-    if inner.scratch.len() < needed {
-        inner.scratch.resize(needed, 0);
-    }
-    let mut batches: Vec<Batch> = Vec::new();
-    let mut off = 0usize;
     let mut more = true;
-    for _ in 0..max_packets {
-        let (n, info) = match inner.conn.send(&mut inner.scratch[off..off + mtu]) {
-            Ok(v) => v,
-            Err(_) => {
-                // Done, or a fatal error that closed the connection (poll reports it).
-                more = false;
-                break;
-            }
-        };
-        let extend = match batches.last() {
-            Some(b) => {
-                b.to == info.to
-                    && b.len % b.seg == 0
-                    && n <= b.seg
-                    && b.count < MAX_GSO_SEGMENTS
-                    && b.len + n <= MAX_GSO_BYTES
-            }
-            None => false,
-        };
-        if extend {
-            if let Some(b) = batches.last_mut() {
-                b.len += n;
-                b.count += 1;
-            }
-        } else {
-            batches.push(Batch {
-                to: info.to,
-                start: off,
-                len: n,
-                seg: n.max(1),
-                count: 1,
-            });
+    let needed = max_packets * mtu;
+    let items: Vec<Term> = SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < needed {
+            scratch.resize(needed, 0);
         }
-        off += n;
-    }
-    let items: Vec<Term> = batches
-        .iter()
-        .map(|b| {
-            let data = bytes_term(env, &inner.scratch[b.start..b.start + b.len]);
-            (encode_addr(env, &b.to), data, b.seg).encode(env)
-        })
-        .collect();
+        let batches = send_batches(&mut inner.conn, scratch, max_packets, mtu, &mut more);
+        batches
+            .iter()
+            .map(|b| {
+                let data = bytes_term(env, &scratch[b.start..b.start + b.len]);
+                (encode_addr(env, &b.to), data, b.seg).encode(env)
+            })
+            .collect()
+    });
     // Re-write the FINs of the previous pass (see write_empty_fin).
     for id in std::mem::take(&mut inner.fin_repoke) {
         let _ = inner.conn.stream_send(id, &[], true);
