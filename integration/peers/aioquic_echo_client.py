@@ -3,9 +3,11 @@
 
 Sends SIZE deterministic bytes + FIN on each of N bidi and M uni streams,
 checks every echo (bidi: same stream; uni: one server uni stream each,
-matched by content), closes with the given application code and reason, and
-prints one JSON line: {"ok", "alpn", "bidi", "uni", "bytes", "key_phase",
-"error"}. Exit status 0 when ok, else 1.
+matched by content), optionally resets/stops extra streams or asks the server
+to, closes with the given application code and reason (or waits for an idle
+timeout), and prints one JSON line: {"ok", "alpn", "bidi", "uni", "bytes",
+"key_phase", "mbps", "error"} plus a key per optional flag used. Exit status
+0 when ok, else 1.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import logging
 import random
 import ssl
 import sys
+import time
 from collections import Counter
 
 from aioquic.asyncio import QuicConnectionProtocol, connect
@@ -22,6 +25,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
+    StopSendingReceived,
     StreamDataReceived,
     StreamReset,
 )
@@ -44,6 +48,10 @@ class EchoClientProtocol(QuicConnectionProtocol):
         self.finished: set[int] = set()
         self.error: str | None = None
         self.changed = asyncio.Event()
+        self.resets: dict[int, int] = {}  # stream -> RESET_STREAM code received
+        self.stops: dict[int, int] = {}  # stream -> STOP_SENDING code received
+        self.special: set[int] = set()  # streams a peer may reset: not errors
+        self.terminated: ConnectionTerminated | None = None
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -53,11 +61,14 @@ class EchoClientProtocol(QuicConnectionProtocol):
             if event.end_stream:
                 self.finished.add(event.stream_id)
         elif isinstance(event, StreamReset):
-            self.error = f"stream {event.stream_id} reset by peer, code {event.error_code}"
+            self.resets[event.stream_id] = event.error_code
+            if event.stream_id not in self.special:
+                self.error = f"stream {event.stream_id} reset by peer, code {event.error_code}"
+        elif isinstance(event, StopSendingReceived):
+            self.stops[event.stream_id] = event.error_code
         elif isinstance(event, ConnectionTerminated):
-            self.error = self.error or (
-                f"connection closed, code {event.error_code}, reason {event.reason_phrase!r}"
-            )
+            self.terminated = event
+            self.error = self.error or describe_close(event)
         self.changed.set()
 
     async def wait_for(self, condition) -> None:
@@ -76,6 +87,13 @@ class EchoClientProtocol(QuicConnectionProtocol):
             pass
 
 
+def describe_close(event: ConnectionTerminated) -> str:
+    # aioquic reports its own idle timeout with this reason and frame type 0.
+    if event.reason_phrase == "Idle timeout" and event.frame_type == 0:
+        return "idle timeout"
+    return f"connection closed, code {event.error_code}, reason {event.reason_phrase!r}"
+
+
 def payload(index: int, size: int) -> bytes:
     return random.Random(index).randbytes(size)
 
@@ -90,6 +108,14 @@ async def run(args: argparse.Namespace, result: dict) -> None:
         config.load_verify_locations(cafile=args.cafile)
     if args.chacha20:
         config.cipher_suites = [CipherSuite.CHACHA20_POLY1305_SHA256]
+    if args.version is not None:
+        # The first Initial carries this version (aioquic needs it in
+        # supported_versions; an unknown one gets v1's Initial salt). After a
+        # Version Negotiation packet aioquic starts over with the first of
+        # its supported_versions that the server lists.
+        config.original_version = args.version
+        others = [v for v in config.supported_versions if v != args.version]
+        config.supported_versions = [args.version, *others]
 
     # wait_connected=False: we wait for the handshake ourselves, to report why it failed.
     async with connect(
@@ -108,6 +134,13 @@ async def run(args: argparse.Namespace, result: dict) -> None:
                 except Failure as e:
                     raise Failure(f"handshake failed: {e}")
                 await exchange(args, conn, result)
+                await specials(args, conn, result)
+                if args.version is not None:
+                    result["version"] = conn._quic._version
+                    result["vn"] = conn._quic._version_negotiated_incompatible
+                if args.wait_idle is not None:
+                    await wait_idle(args, conn, result)
+                    return
         except TimeoutError:
             handshake = "done" if conn.connected else "not done"
             raise Failure(
@@ -120,6 +153,7 @@ async def run(args: argparse.Namespace, result: dict) -> None:
 async def exchange(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
     quic = conn._quic
     result["alpn"] = conn.alpn
+    started = time.monotonic()
     # Open every stream first, so ids are allocated in order: bidi payloads are
     # seeded 0.., uni payloads 1_000_000..
     streams: list[tuple[int, bytes]] = []
@@ -162,10 +196,65 @@ async def exchange(args: argparse.Namespace, conn: EchoClientProtocol, result: d
         raise Failure(f"uni echoes do not match what was sent: got lengths {lengths}")
     result.update(bidi=len(bidi), uni=args.uni, bytes=args.size * len(streams))
     result["key_phase"] = quic._cryptos[Epoch.ONE_RTT].send.key_phase
+    result["mbps"] = round(result["bytes"] / max(time.monotonic() - started, 1e-9) / 1e6, 2)
+
+
+async def specials(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
+    """--reset-code, --stop-code, --ask-reset, --ask-stop: one new bidi stream
+    each, in that order, after the echoes."""
+    quic = conn._quic
+
+    def open_with(data: bytes) -> int:
+        sid = quic.get_next_available_stream_id()
+        conn.special.add(sid)
+        quic.send_stream_data(sid, data)
+        return sid
+
+    if args.reset_code is not None:
+        # Reset our side; wait until the peer ends its side (FIN or RESET_STREAM).
+        sid = open_with(b"x")
+        quic.reset_stream(sid, args.reset_code)
+        conn.transmit()
+        await conn.wait_for(lambda: sid in conn.finished or sid in conn.resets)
+        result["reset_sent"] = args.reset_code
+    if args.stop_code is not None:
+        # STOP_SENDING; the peer must answer with RESET_STREAM (RFC 9000 3.5).
+        sid = open_with(b"x")
+        quic.stop_stream(sid, args.stop_code)
+        conn.transmit()
+        await conn.wait_for(lambda: sid in conn.resets)
+        result["stop_sent"] = args.stop_code
+    if args.ask_reset is not None:
+        sid = open_with(f"RESET {args.ask_reset}\n".encode())
+        conn.transmit()
+        await conn.wait_for(lambda: sid in conn.resets or sid in conn.finished)
+        if sid not in conn.resets:
+            raise Failure(f"stream {sid}: the peer finished it instead of resetting it")
+        result["peer_reset"] = conn.resets[sid]
+    if args.ask_stop is not None:
+        sid = open_with(f"STOP {args.ask_stop}\n".encode())
+        conn.transmit()
+        await conn.wait_for(lambda: sid in conn.stops)
+        result["peer_stop"] = conn.stops[sid]
+
+
+async def wait_idle(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
+    """--wait-idle S: send nothing more, wait up to S s for the connection to end."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(args.wait_idle):
+            while conn.terminated is None:
+                conn.changed.clear()
+                await conn.changed.wait()
+    except TimeoutError:
+        raise Failure(f"the connection was still open after --wait-idle {args.wait_idle}s")
+    result["ended"] = describe_close(conn.terminated)
+    result["ended_after_ms"] = round((time.monotonic() - started) * 1000)
 
 
 async def main(args: argparse.Namespace) -> int:
     result = {"ok": False, "alpn": None, "bidi": 0, "uni": 0, "bytes": 0, "key_phase": 0}
+    result["mbps"] = 0
     result["error"] = None
     try:
         # Backstop only: run() times out first, with a better message.
@@ -178,6 +267,10 @@ async def main(args: argparse.Namespace) -> int:
         result["error"] = str(e)
     except Exception as e:  # e.g. a bad --cafile
         result["error"] = f"{type(e).__name__}: {e}"
+    if not result["ok"]:
+        result["mbps"] = 0
+    # Keep "error" last, as before the optional keys were added.
+    result["error"] = result.pop("error")
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 
@@ -200,4 +293,10 @@ if __name__ == "__main__":
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--key-update", action="store_true", help="update 1-RTT keys midway")
     parser.add_argument("--chacha20", action="store_true", help="offer only ChaCha20-Poly1305")
+    parser.add_argument("--reset-code", type=int, help="reset an extra stream with this code")
+    parser.add_argument("--stop-code", type=int, help="STOP_SENDING an extra stream with this code")
+    parser.add_argument("--ask-reset", type=int, help="ask the server to reset a stream (RESET N)")
+    parser.add_argument("--ask-stop", type=int, help="ask the server to STOP_SENDING (STOP N)")
+    parser.add_argument("--wait-idle", type=float, help="do not close: wait S s for an idle timeout")
+    parser.add_argument("--version", type=lambda v: int(v, 0), help="first QUIC version offered")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """QUIC echo server on aioquic, a foreign peer for Quichex's interop tests.
 
-Bidi streams are echoed byte for byte (FIN answered with FIN). A client uni
-stream is buffered until its FIN, then sent back on a new server uni stream.
+Bidi streams are echoed byte for byte (FIN answered with FIN), unless their
+first bytes are a command: `RESET <code>\n` resets the stream (RESET_STREAM)
+with that code, `STOP <code>\n` asks the client to stop sending
+(STOP_SENDING). A client uni stream is buffered until its FIN, then sent back
+on a new server uni stream.
 
 stdout (one line each, flushed): `LISTENING <port>` once bound,
 `CONNECTED <alpn>` per completed handshake, `CLOSED <code> <reason>` per
-connection the peer closed. Exits when killed or when stdin reaches EOF.
+connection the peer closed, `STREAM_RESET <id> <code>` / `STOP_SENDING <id>
+<code>` when the client resets a stream / stops one of ours. Exits when
+killed or when stdin reaches EOF.
 """
 
 import argparse
@@ -21,6 +26,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
+    StopSendingReceived,
     StreamDataReceived,
     StreamReset,
 )
@@ -32,10 +38,31 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+COMMANDS = (b"RESET ", b"STOP ")
+MAX_COMMAND = 32  # a command line is at most this long
+
+
+def parse_command(head: bytes):
+    """Classify the first bytes of a bidi stream: ("echo", None) for plain data,
+    ("wait", None) while they may still become a command, or (word, code)."""
+    if not any(head.startswith(w) or w.startswith(head) for w in COMMANDS):
+        return "echo", None
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return ("wait", None) if len(head) < MAX_COMMAND else ("echo", None)
+    word, _, code = line.partition(b" ")
+    if code.isdigit():
+        return word.decode(), int(code)
+    return "echo", None
+
+
 class EchoServerProtocol(QuicConnectionProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._uni: dict[int, bytearray] = {}  # client uni stream -> bytes so far
+        # bidi stream -> first bytes not yet classified (None once it is).
+        self._head: dict[int, bytearray | None] = {}
+        self._commanded: set[int] = set()  # bidi streams that carried a command
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -43,7 +70,7 @@ class EchoServerProtocol(QuicConnectionProtocol):
         elif isinstance(event, StreamDataReceived):
             sid = event.stream_id
             if sid & 2 == 0:  # bidirectional: echo on the same stream
-                self._quic.send_stream_data(sid, event.data, event.end_stream)
+                self._bidi(sid, event.data, event.end_stream)
             else:  # unidirectional: answer on a new stream after FIN
                 buf = self._uni.setdefault(sid, bytearray())
                 buf += event.data
@@ -53,11 +80,35 @@ class EchoServerProtocol(QuicConnectionProtocol):
                     self._quic.send_stream_data(out, bytes(buf), end_stream=True)
         elif isinstance(event, StreamReset):
             self._uni.pop(event.stream_id, None)
+            say(f"STREAM_RESET {event.stream_id} {event.error_code}")
+        elif isinstance(event, StopSendingReceived):
+            say(f"STOP_SENDING {event.stream_id} {event.error_code}")
         elif isinstance(event, ConnectionTerminated):
             # aioquic reports its own idle timeout with this exact reason.
             if event.reason_phrase != "Idle timeout" or event.frame_type != 0:
                 reason = event.reason_phrase.replace("\n", " ")
                 say(f"CLOSED {event.error_code} {reason}")
+
+    def _bidi(self, sid: int, data: bytes, fin: bool) -> None:
+        """Echo, or run the command the stream starts with (and echo nothing)."""
+        head = self._head.setdefault(sid, bytearray())
+        if head is None:  # plain echo stream, or a command already done
+            if sid not in self._commanded:
+                self._quic.send_stream_data(sid, data, fin)
+            return
+        head += data
+        kind, code = parse_command(bytes(head))
+        if kind == "wait" and not fin:
+            return
+        self._head[sid] = None
+        if kind == "RESET":
+            self._commanded.add(sid)
+            self._quic.reset_stream(sid, code)
+        elif kind == "STOP":
+            self._commanded.add(sid)
+            self._quic.stop_stream(sid, code)
+        else:
+            self._quic.send_stream_data(sid, bytes(head), fin)
 
 
 async def stdin_eof() -> None:

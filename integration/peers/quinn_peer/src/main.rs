@@ -2,8 +2,9 @@
 //!
 //! `quinn_peer server ...` and `quinn_peer client ...` mirror
 //! `../aioquic_echo_server.py` and `../aioquic_echo_client.py`: same flags,
-//! same echo protocol, same stdout lines (the client's JSON line has
-//! `mbps` and `key_update` instead of `key_phase`). See `../README.md`.
+//! same echo protocol (including the `RESET <code>` / `STOP <code>` stream
+//! commands), same stdout lines (the client's JSON line has `key_update`
+//! instead of `key_phase`). See `../README.md`.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -15,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
-use quinn::{ConnectionError, Endpoint, Incoming, TransportConfig, VarInt};
+use quinn::{
+    ConnectionError, Endpoint, Incoming, ReadError, ReadToEndError, TransportConfig, VarInt,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring as provider, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
@@ -60,7 +63,8 @@ fn usage(msg: &str) -> ! {
          [--retry] [--idle-timeout S] [--chacha20]\n       \
          quinn_peer client [--host H] --port N [--alpn NAME] [--cafile PEM | --insecure] \
          [--server-name NAME] [--streams N] [--uni N] [--size BYTES] [--close-code N] \
-         [--close-reason TEXT] [--timeout S] [--key-update] [--chacha20]"
+         [--close-reason TEXT] [--timeout S] [--key-update] [--chacha20] [--reset-code N] \
+         [--stop-code N] [--ask-reset N] [--ask-stop N] [--wait-idle S] [--version HEX]"
     );
     std::process::exit(2) // like argparse
 }
@@ -87,6 +91,12 @@ struct Args {
     close_reason: String,
     timeout: f64,
     key_update: bool,
+    reset_code: Option<u64>,
+    stop_code: Option<u64>,
+    ask_reset: Option<u64>,
+    ask_stop: Option<u64>,
+    wait_idle: Option<f64>,
+    version: Option<u32>,
 }
 
 impl Args {
@@ -111,6 +121,12 @@ impl Args {
             close_reason: "done".into(),
             timeout: 30.0,
             key_update: false,
+            reset_code: None,
+            stop_code: None,
+            ask_reset: None,
+            ask_stop: None,
+            wait_idle: None,
+            version: None,
         };
         while let Some(arg) = argv.pop_front() {
             let (flag, inline) = match arg.split_once('=') {
@@ -142,6 +158,19 @@ impl Args {
                 "--close-code" => a.close_code = num(&flag, value()?)?,
                 "--close-reason" => a.close_reason = value()?,
                 "--timeout" => a.timeout = num(&flag, value()?)?,
+                "--reset-code" => a.reset_code = Some(num(&flag, value()?)?),
+                "--stop-code" => a.stop_code = Some(num(&flag, value()?)?),
+                "--ask-reset" => a.ask_reset = Some(num(&flag, value()?)?),
+                "--ask-stop" => a.ask_stop = Some(num(&flag, value()?)?),
+                "--wait-idle" => a.wait_idle = Some(num(&flag, value()?)?),
+                "--version" => {
+                    let v = value()?;
+                    let hex = v.trim_start_matches("0x").trim_start_matches("0X");
+                    a.version = Some(
+                        u32::from_str_radix(hex, 16)
+                            .map_err(|_| format!("{flag}: invalid hex version {v:?}"))?,
+                    );
+                }
                 "--retry" | "--chacha20" | "--insecure" | "--key-update" if inline.is_some() => {
                     return Err(format!("{flag} takes no value"))
                 }
@@ -387,16 +416,8 @@ async fn serve_connection(incoming: Incoming) {
 
     let bidi = conn.clone();
     tokio::spawn(async move {
-        while let Ok((mut send, mut recv)) = bidi.accept_bi().await {
-            // Echo each chunk on the same stream; answer FIN with FIN.
-            tokio::spawn(async move {
-                while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
-                    if send.write_chunk(chunk.bytes).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = send.finish();
-            });
+        while let Ok((send, recv)) = bidi.accept_bi().await {
+            tokio::spawn(echo_bidi(send, recv));
         }
     });
     let uni = conn.clone();
@@ -418,6 +439,109 @@ async fn serve_connection(incoming: Incoming) {
         }
     });
     report_close(&conn.closed().await);
+}
+
+/// What the first bytes of a bidi stream ask for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    /// Not a command (or not yet known): echo.
+    Echo,
+    /// Could still become a command: read more.
+    Wait,
+    Reset(u64),
+    Stop(u64),
+}
+
+/// `RESET <code>\n` / `STOP <code>\n` at the start of a bidi stream.
+fn parse_command(head: &[u8]) -> Command {
+    const WORDS: [&[u8]; 2] = [b"RESET ", b"STOP "];
+    const MAX_COMMAND: usize = 32;
+    if !WORDS
+        .iter()
+        .any(|w| head.starts_with(w) || w.starts_with(head))
+    {
+        return Command::Echo;
+    }
+    let Some(end) = head.iter().position(|&b| b == b'\n') else {
+        return if head.len() < MAX_COMMAND {
+            Command::Wait
+        } else {
+            Command::Echo
+        };
+    };
+    let line = String::from_utf8_lossy(&head[..end]);
+    let code = line
+        .split_once(' ')
+        .and_then(|(_, c)| c.parse::<u64>().ok());
+    match (line.split(' ').next(), code) {
+        (Some("RESET"), Some(code)) => Command::Reset(code),
+        (Some("STOP"), Some(code)) => Command::Stop(code),
+        _ => Command::Echo,
+    }
+}
+
+/// Echo each chunk on the same stream and answer FIN with FIN, unless the
+/// stream starts with a command. Reports the client's RESET_STREAM and
+/// STOP_SENDING as `STREAM_RESET <id> <code>` / `STOP_SENDING <id> <code>`.
+async fn echo_bidi(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let id = u64::from(send.id());
+    let stopped = send.stopped();
+    tokio::spawn(async move {
+        if let Ok(Some(code)) = stopped.await {
+            say(&format!("STOP_SENDING {id} {code}"));
+        }
+    });
+    let mut head: Option<Vec<u8>> = Some(Vec::new()); // None once classified
+    let mut echo = true;
+    loop {
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                let Some(h) = head.as_mut() else {
+                    if echo && send.write_chunk(chunk.bytes).await.is_err() {
+                        echo = false;
+                    }
+                    continue;
+                };
+                h.extend_from_slice(&chunk.bytes);
+                let command = parse_command(h);
+                if command == Command::Wait {
+                    continue;
+                }
+                let h = head.take().unwrap_or_default();
+                match command {
+                    Command::Reset(code) => {
+                        echo = false;
+                        let _ = send.reset(VarInt::from_u64(code).unwrap_or(VarInt::MAX));
+                    }
+                    Command::Stop(code) => {
+                        let _ = recv.stop(VarInt::from_u64(code).unwrap_or(VarInt::MAX));
+                        // Keep our side open until the connection ends, as aioquic does.
+                        let _ = send.stopped().await;
+                        return;
+                    }
+                    _ => {
+                        if send.write_all(&h).await.is_err() {
+                            echo = false;
+                        }
+                    }
+                }
+            }
+            Ok(None) => {
+                if let Some(h) = head.take() {
+                    echo = echo && send.write_all(&h).await.is_ok();
+                }
+                if echo {
+                    let _ = send.finish();
+                }
+                return;
+            }
+            Err(ReadError::Reset(code)) => {
+                say(&format!("STREAM_RESET {id} {code}"));
+                return;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// `CLOSED <code> <reason>` for a close by either side, except idle timeouts.
@@ -464,33 +588,42 @@ struct Report {
     bytes: usize,
     mbps: f64,
     key_update: bool,
+    /// Keys of the optional flags, with their JSON values, before "error".
+    extra: Vec<(&'static str, String)>,
     error: Option<String>,
+}
+
+/// A JSON string, or null.
+fn json_str(v: &Option<String>) -> String {
+    match v {
+        None => "null".into(),
+        Some(v) => {
+            let mut out = String::from("\"");
+            for c in v.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out + "\""
+        }
+    }
 }
 
 impl Report {
     fn json(&self) -> String {
-        fn s(v: &Option<String>) -> String {
-            match v {
-                None => "null".into(),
-                Some(v) => {
-                    let mut out = String::from("\"");
-                    for c in v.chars() {
-                        match c {
-                            '"' => out.push_str("\\\""),
-                            '\\' => out.push_str("\\\\"),
-                            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-                            c => out.push(c),
-                        }
-                    }
-                    out + "\""
-                }
-            }
-        }
+        let extra: String = self
+            .extra
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v}, "))
+            .collect();
         format!(
             "{{\"ok\": {}, \"alpn\": {}, \"bidi\": {}, \"uni\": {}, \"bytes\": {}, \"mbps\": {:.2}, \
-             \"key_update\": {}, \"error\": {}}}",
-            self.ok, s(&self.alpn), self.bidi, self.uni, self.bytes, self.mbps, self.key_update,
-            s(&self.error)
+             \"key_update\": {}, {extra}\"error\": {}}}",
+            self.ok, json_str(&self.alpn), self.bidi, self.uni, self.bytes, self.mbps, self.key_update,
+            json_str(&self.error)
         )
     }
 }
@@ -526,6 +659,7 @@ async fn client(args: Args) -> ExitCode {
         bytes: 0,
         mbps: 0.0,
         key_update: false,
+        extra: Vec::new(),
         error: None,
     };
     let progress = Arc::new(Progress::default());
@@ -651,6 +785,10 @@ async fn run_client(
         .map_err(|e| fail(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(tls));
     config.transport_config(transport(Duration::from_secs(30)));
+    if let Some(version) = args.version {
+        // quinn can only start with a version it knows (v1, drafts 29..34).
+        config.version(version);
+    }
 
     let local: IpAddr = match (server.is_ipv4(), server.ip().is_loopback()) {
         (true, true) => Ipv4Addr::LOCALHOST.into(),
@@ -660,18 +798,38 @@ async fn run_client(
     };
     let mut endpoint =
         Endpoint::client(SocketAddr::new(local, 0)).map_err(|e| fail(format!("bind: {e}")))?;
-    endpoint.set_default_client_config(config);
+    endpoint.set_default_client_config(config.clone());
     *endpoint_out = Some(endpoint.clone());
 
     let name = args
         .server_name
         .clone()
         .unwrap_or_else(|| args.host.clone());
-    let conn = endpoint
+    let mut attempt = endpoint
         .connect(server, &name)
         .map_err(|e| fail(format!("connect failed: {e}")))?
-        .await
-        .map_err(|e| fail(format!("handshake failed: {}", describe(&e))))?;
+        .await;
+    if args.version.is_some() {
+        // quinn does not retry after a Version Negotiation packet: it fails
+        // the attempt with VersionMismatch. Start a new one with QUIC v1, as
+        // RFC 9000 section 6.2 allows.
+        let negotiated = matches!(attempt, Err(ConnectionError::VersionMismatch));
+        if negotiated {
+            config.version(1);
+            attempt = endpoint
+                .connect_with(config, server, &name)
+                .map_err(|e| fail(format!("connect failed: {e}")))?
+                .await;
+        }
+        let version = if negotiated {
+            1
+        } else {
+            args.version.unwrap_or(1)
+        };
+        report.extra.push(("version", version.to_string()));
+        report.extra.push(("vn", negotiated.to_string()));
+    }
+    let conn = attempt.map_err(|e| fail(format!("handshake failed: {}", describe(&e))))?;
     progress.connected.store(true, Ordering::SeqCst);
     report.alpn = conn
         .handshake_data()
@@ -680,14 +838,100 @@ async fn run_client(
         .map(|p| String::from_utf8_lossy(&p).into_owned());
 
     let started = Instant::now();
-    match exchange(args, &conn, report, progress).await {
-        Ok(()) => {
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            report.mbps = report.bytes as f64 / secs / 1e6;
-            Ok(conn)
-        }
-        Err(e) => Err((Some(conn), e)),
+    if let Err(e) = exchange(args, &conn, report, progress).await {
+        return Err((Some(conn), e));
     }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    report.mbps = report.bytes as f64 / secs / 1e6;
+    if let Err(e) = specials(args, &conn, report).await {
+        return Err((Some(conn), e));
+    }
+    if let Some(wait) = args.wait_idle {
+        // Send nothing more; wait for the connection to end by itself.
+        let waited = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs_f64(wait), conn.closed())
+            .await
+            .map_err(|_| {
+                (
+                    Some(conn.clone()),
+                    format!("the connection was still open after --wait-idle {wait}s"),
+                )
+            })?;
+        let ended = match ended {
+            ConnectionError::TimedOut => "idle timeout".to_string(),
+            e => describe(&e),
+        };
+        report.extra.push(("ended", json_str(&Some(ended))));
+        report
+            .extra
+            .push(("ended_after_ms", waited.elapsed().as_millis().to_string()));
+    }
+    Ok(conn)
+}
+
+/// `--reset-code`, `--stop-code`, `--ask-reset`, `--ask-stop`: one new bidi
+/// stream each, in that order, after the echoes.
+async fn specials(
+    args: &Args,
+    conn: &quinn::Connection,
+    report: &mut Report,
+) -> Result<(), String> {
+    let code = |c: u64| VarInt::from_u64(c).unwrap_or(VarInt::MAX);
+    let open = |data: Vec<u8>| async move {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| describe(&e))?;
+        send.write_all(&data)
+            .await
+            .map_err(|e| format!("stream {}: {e}", send.id()))?;
+        Ok::<_, String>((send, recv))
+    };
+    if let Some(c) = args.reset_code {
+        // Reset our side; wait until the peer ends its side (FIN or RESET_STREAM).
+        let (mut send, mut recv) = open(b"x".to_vec()).await?;
+        let _ = send.reset(code(c));
+        match recv.read_to_end(usize::MAX).await {
+            Ok(_) | Err(ReadToEndError::Read(ReadError::Reset(_))) => {}
+            Err(e) => return Err(format!("reset stream {}: {e}", recv.id())),
+        }
+        report.extra.push(("reset_sent", c.to_string()));
+    }
+    if let Some(c) = args.stop_code {
+        // STOP_SENDING; the peer must answer with RESET_STREAM (RFC 9000
+        // section 3.5). quinn hides a stopped stream's RESET_STREAM, so count frames.
+        let (_send, mut recv) = open(b"x".to_vec()).await?;
+        let before = conn.stats().frame_rx.reset_stream;
+        let _ = recv.stop(code(c));
+        while conn.stats().frame_rx.reset_stream == before {
+            if let Some(e) = conn.close_reason() {
+                return Err(describe(&e));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        report.extra.push(("stop_sent", c.to_string()));
+    }
+    if let Some(c) = args.ask_reset {
+        let (_send, mut recv) = open(format!("RESET {c}\n").into_bytes()).await?;
+        match recv.read_to_end(usize::MAX).await {
+            Err(ReadToEndError::Read(ReadError::Reset(got))) => {
+                report.extra.push(("peer_reset", got.to_string()));
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "stream {}: the peer finished it instead of resetting it",
+                    recv.id()
+                ))
+            }
+            Err(e) => return Err(format!("stream {}: {e}", recv.id())),
+        }
+    }
+    if let Some(c) = args.ask_stop {
+        let (send, _recv) = open(format!("STOP {c}\n").into_bytes()).await?;
+        match send.stopped().await {
+            Ok(Some(got)) => report.extra.push(("peer_stop", got.to_string())),
+            Ok(None) => return Err(format!("stream {}: not stopped by the peer", send.id())),
+            Err(e) => return Err(format!("stream {}: {e}", send.id())),
+        }
+    }
+    Ok(())
 }
 
 /// Sends SIZE bytes + FIN on every stream and checks every echo.
