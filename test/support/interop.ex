@@ -230,11 +230,13 @@ defmodule Quichex.Test.Interop do
   end
 
   @doc """
-  Runs ngtcp2's gtlsclient against 127.0.0.1:`port` until it exits. Returns
-  `{exit_status, lines}`. Fails if it runs longer than `timeout` ms.
+  Runs ngtcp2's gtlsclient with `options` against 127.0.0.1:`port`,
+  requesting `uris` (HTTP/3), until it exits. Returns `{exit_status, lines}`
+  (stdout and stderr, which carries its debug output). Fails if it runs
+  longer than `timeout` ms.
   """
-  def run_ngtcp2_client!(port, args, timeout \\ 10_000) do
-    argv = ["--no-quic-dump", "--no-http-dump" | args] ++ ["127.0.0.1", "#{port}"]
+  def run_ngtcp2_client!(port, options, uris, timeout \\ 10_000) do
+    argv = ["--no-quic-dump", "--no-http-dump" | options] ++ ["127.0.0.1", "#{port}" | uris]
     run!(ngtcp2!(:client), argv, timeout)
   end
 
