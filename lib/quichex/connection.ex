@@ -702,9 +702,11 @@ defmodule Quichex.Connection do
 
     data =
       if state == :established or (state == :draining and not closed?) do
+        # Readable first: a new peer stream's process must exist before its
+        # STOP_SENDING (often in the same packet) is looked for.
         data
-        |> check_stopped(stop_count)
         |> dispatch_readable(readable)
+        |> check_stopped(stop_count)
         |> write_pending()
         |> retry_open_waiters()
       else
@@ -1250,10 +1252,13 @@ defmodule Quichex.Connection do
   defp new_entry(ref, from, bin, fin, timer),
     do: %{ref: ref, from: from, data: bin, fin: fin, timer: timer, fin_wait: nil, flush: false}
 
-  # Tells the stream process first, then answers the caller blocked in send/3.
+  # Answers the caller blocked in send/3, then tells the stream process. In
+  # this order the reply is in the caller's mailbox before the stream can
+  # finish and exit (which the caller's call would otherwise see first). The
+  # stream queues a send that overtakes this notice.
   defp send_result(data, id, %{ref: ref, from: from}, result) do
-    if ref, do: notify_stream(data, id, {:quic_send_result, ref, result})
     if from, do: :gen_statem.reply(from, result)
+    if ref, do: notify_stream(data, id, {:quic_send_result, ref, result})
     :ok
   end
 
