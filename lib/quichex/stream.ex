@@ -229,7 +229,8 @@ defmodule Quichex.Stream do
       send_done: not args.writable,
       queue: :queue.new(),
       in_flight: nil,
-      stopped: nil
+      stopped: nil,
+      owner_gone: false
     }
 
     meta = %{connection: args.conn, stream: self(), stream_id: args.id, initiator: args.initiator}
@@ -401,7 +402,7 @@ defmodule Quichex.Stream do
           %{state | send_done: true} |> fail_queue(result)
       end
 
-    noreply(dispatch_send(state))
+    if state.owner_gone, do: owner_down(state), else: noreply(dispatch_send(state))
   end
 
   def handle_info({:quic_send_result, _ref, _result}, state), do: {:noreply, state}
@@ -420,13 +421,18 @@ defmodule Quichex.Stream do
 
   def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
 
-  def handle_info({:DOWN, ref, :process, _pid, _reason}, %{owner_ref: ref} = state) do
-    dirs =
-      Enum.reject([read: state.recv_done, write: state.send_done], &elem(&1, 1)) |> Keyword.keys()
+  # The connection answers a send's caller before telling us, so an owner
+  # that exits right after its last send (say, with fin: true) can be seen
+  # going down before we learn the send completed: wait for that result.
+  def handle_info(
+        {:DOWN, ref, :process, _pid, _reason},
+        %{owner_ref: ref, in_flight: {_, _, _}} = state
+      ) do
+    {:noreply, %{fail_queue(state, {:error, :closed}) | owner_ref: nil, owner_gone: true}}
+  end
 
-    if dirs != [], do: cast_conn(state, {:shutdown, state.id, dirs, @owner_down_code})
-    state = state |> fail_reader({:error, :closed}) |> fail_queue({:error, :closed})
-    {:stop, :normal, %{state | owner_ref: nil}}
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, %{owner_ref: ref} = state) do
+    owner_down(%{state | owner_ref: nil})
   end
 
   def handle_info(_msg, state), do: {:noreply, state}
@@ -439,6 +445,17 @@ defmodule Quichex.Stream do
       stream_id: state.id,
       reason: reason
     })
+  end
+
+  # The owner is gone: abort what is still open (RESET_STREAM / STOP_SENDING
+  # with the owner-down code) and end.
+  defp owner_down(state) do
+    dirs =
+      Enum.reject([read: state.recv_done, write: state.send_done], &elem(&1, 1)) |> Keyword.keys()
+
+    if dirs != [], do: cast_conn(state, {:shutdown, state.id, dirs, @owner_down_code})
+    state = state |> fail_reader({:error, :closed}) |> fail_queue({:error, :closed})
+    {:stop, :normal, state}
   end
 
   ## Receive side
