@@ -8,7 +8,9 @@ defmodule Quichex.Application do
     Quichex.Config.create_cache()
 
     children = [
-      {DynamicSupervisor, name: Quichex.ConnectionSupervisor, strategy: :one_for_one}
+      # Client connections, partitioned per scheduler so concurrent connects
+      # do not queue behind one supervisor.
+      {PartitionSupervisor, child_spec: DynamicSupervisor, name: Quichex.ConnectionSupervisor}
     ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: Quichex.Supervisor)

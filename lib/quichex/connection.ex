@@ -159,7 +159,9 @@ defmodule Quichex.Connection do
         stream_opts: opts.stream_opts
       }
 
-      case DynamicSupervisor.start_child(Quichex.ConnectionSupervisor, child_spec(args)) do
+      sup = {:via, PartitionSupervisor, {Quichex.ConnectionSupervisor, self()}}
+
+      case DynamicSupervisor.start_child(sup, child_spec(args)) do
         {:ok, pid} -> {:ok, pid}
         {:error, {%TransportError{} = error, _}} -> {:error, error}
         {:error, %TransportError{} = error} -> {:error, error}
@@ -414,37 +416,18 @@ defmodule Quichex.Connection do
     end
   end
 
-  # The NIF wants a concrete local address; with a wildcard bind, use the
-  # loopback or the route's source by connecting a throwaway socket.
-  defp local_address(socket, {peer_ip, _} = peer) do
-    {:ok, {ip, port}} = UDP.sockname(socket)
-
-    if ip in [{0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}] do
-      {:ok, {route_source(peer_ip, peer), port}}
+  # A client's socket is connected to the server: the kernel then filters
+  # datagrams from elsewhere and picks the route's source address, which the
+  # NIF needs as the concrete local address.
+  defp local_address(socket, peer) do
+    with :ok <- :socket.connect(socket, UDP.sockaddr(peer)),
+         {:ok, local} <- UDP.sockname(socket) do
+      {:ok, local}
     else
-      {:ok, {ip, port}}
+      {:error, reason} ->
+        :socket.close(socket)
+        {:error, %TransportError{reason: {:socket, reason}}}
     end
-  end
-
-  defp route_source(peer_ip, peer) do
-    with {:ok, s} <- :socket.open(UDP.family(peer_ip), :dgram, :udp),
-         result <- :socket.connect(s, UDP.sockaddr(peer)),
-         {:ok, %{addr: addr}} <- sock_after_connect(s, result) do
-      addr
-    else
-      _ -> peer_ip
-    end
-  end
-
-  defp sock_after_connect(s, :ok) do
-    result = :socket.sockname(s)
-    :socket.close(s)
-    result
-  end
-
-  defp sock_after_connect(s, error) do
-    :socket.close(s)
-    error
   end
 
   defp nif_connect(config, server_name, scid, local, peer, socket) do
