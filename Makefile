@@ -68,6 +68,8 @@ gates: deps
 	mix compile --warnings-as-errors --force
 	cd $(CRATE) && cargo fmt --check
 	cd $(CRATE) && cargo clippy --release --all-targets --locked -- -D warnings
+	cd integration/peers/quinn_peer && cargo fmt --check
+	cd bench/quiche_baseline && cargo fmt --check
 
 test-rust: deps
 	cd $(CRATE) && cargo test --release --locked
