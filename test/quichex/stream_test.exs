@@ -340,44 +340,6 @@ defmodule Quichex.StreamTest do
       assert {:error, :timeout} = Stream.send(stream, :binary.copy("z", 100_000), timeout: 200)
       assert Process.alive?(stream)
     end
-
-    test "a reader that never reads keeps memory bounded by the flow-control windows" do
-      window = 256_000
-
-      {client, server} =
-        pair(
-          listener: [
-            config_opts: [
-              initial_max_stream_data_bidi_remote: window,
-              initial_max_data: 4 * window
-            ]
-          ]
-        )
-
-      {:ok, stream} = Connection.open_stream(client)
-      :ok = Stream.send(stream, "x")
-      {peer, _} = opened!(server)
-      before = :erlang.memory(:total)
-      chunk = :binary.copy("m", 64_000)
-
-      # The peer never reads: sending stops at the window.
-      result =
-        Enum.reduce_while(1..200, 0, fn _, sent ->
-          case Stream.send(stream, chunk, timeout: 200) do
-            :ok -> {:cont, sent + byte_size(chunk)}
-            {:error, :timeout} -> {:halt, sent}
-          end
-        end)
-
-      assert result <= 2 * window + 64_000
-
-      for pid <- [peer, server, client, stream] do
-        {:memory, mem} = Process.info(pid, :memory)
-        assert mem < 2 * window, "#{inspect(pid)} holds #{mem} bytes"
-      end
-
-      assert :erlang.memory(:total) - before < 8 * window
-    end
   end
 
   test "property: bytes arrive exactly once, in order, with FIN where sent" do
