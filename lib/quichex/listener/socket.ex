@@ -287,10 +287,23 @@ defmodule Quichex.Listener.Socket do
     {Quichex.Handler.Runner.owner(handler) || state.opts.owner, handler}
   end
 
+  # The sibling supervisors start after this process (rest_for_one), so they
+  # are looked up on first use and remembered; the listener allows no
+  # restarts, so a remembered pid stays valid while this process lives.
   defp sibling(state, id) do
-    case Quichex.Listener.children(state.opts.listener) do
-      %{^id => pid} when is_pid(pid) -> {:ok, pid}
-      _ -> {:error, :no_supervisor}
+    case Process.get({:sibling, id}) do
+      pid when is_pid(pid) ->
+        {:ok, pid}
+
+      nil ->
+        case Quichex.Listener.children(state.opts.listener) do
+          %{^id => pid} when is_pid(pid) ->
+            Process.put({:sibling, id}, pid)
+            {:ok, pid}
+
+          _ ->
+            {:error, :no_supervisor}
+        end
     end
   end
 
