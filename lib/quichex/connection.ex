@@ -860,7 +860,15 @@ defmodule Quichex.Connection do
     do: {code, %TransportError{reason: {:transport, code, phrase}}}
 
   @impl :gen_statem
-  def terminate(reason, _state, data) when is_map(data) do
+  def terminate(reason, state, data) when is_map(data) do
+    # Stopped from outside (a listener or application shutting down) while
+    # still open: tell the peer with CONNECTION_CLOSE instead of leaving it
+    # to its idle timer.
+    if state in [:handshaking, :established] and
+         Native.connection_close(data.native, true, 0, "shutdown") == :ok do
+      _ = flush(data)
+    end
+
     if data.owns_socket, do: :socket.close(data.socket)
     if data.listener, do: unroute(data)
 

@@ -182,6 +182,17 @@ defmodule Quichex.ListenerTest do
     Listener.stop(listener)
   end
 
+  test "stopping a listener closes its connections with CONNECTION_CLOSE" do
+    {listener, port} = start_listener()
+    conn = connect!(port)
+    _server = accept!(listener)
+    Listener.stop(listener)
+
+    assert_receive {:quic_connection_closed, ^conn, 0,
+                    %Quichex.ApplicationError{code: 0, phrase: "shutdown"}},
+                   2_000
+  end
+
   test "a listener is a supervision tree with a child_spec and telemetry" do
     test = self()
     id = {__MODULE__, make_ref()}
