@@ -703,13 +703,7 @@ defmodule Quichex.Connection do
       closed? or closed_after_send? ->
         finish(state, data, actions)
 
-      state != :draining and draining? ->
-        data = closing(state, data)
-
-        {:next_state, :draining, data,
-         [timer, {{:timeout, :drain_cap}, @drain_cap_ms, :cap} | actions]}
-
-      state != :draining and data.local_close ->
+      state != :draining and (draining? or data.local_close) ->
         data = closing(state, data)
 
         {:next_state, :draining, data,
@@ -781,30 +775,21 @@ defmodule Quichex.Connection do
   # Entering :draining: learn why, tell the owner and the streams.
   defp closing(state, data) do
     {code, reason} = close_reason(state, data)
-    data = %{data | close_code: code, close_reason: reason}
+    announce_close(state, %{data | close_code: code, close_reason: reason})
+  end
+
+  defp announce_close(state, data) do
     notify_closed(state, data)
-    end_streams(data, reason)
+    end_streams(%{data | connected_waiters: []}, data.close_reason)
   end
 
   defp finish(state, data, actions) do
-    data =
-      if state == :draining do
-        data
-      else
-        {code, reason} = close_reason(state, data)
-        data = %{data | close_code: code, close_reason: reason}
-        notify_closed(state, data)
-        end_streams(data, reason)
-      end
-
+    data = if state == :draining, do: data, else: closing(state, data)
     {:next_state, :closed, data, actions ++ [{:next_event, :internal, :stop}]}
   end
 
   defp fail(reason, data) do
-    data = %{data | close_reason: reason}
-    Enum.each(data.connected_waiters, &:gen_statem.reply(&1, {:error, reason}))
-    notify_owner(data, {:quic_connection_error, self(), reason})
-    data = end_streams(%{data | connected_waiters: []}, reason)
+    data = announce_close(:handshaking, %{data | close_reason: reason})
     {:next_state, :closed, data, {:next_event, :internal, :stop}}
   end
 

@@ -1,33 +1,11 @@
-//! Every atom the NIF returns.
+//! The NIF's fixed atoms. quiche error names are made from
+//! `error::quiche_error_parts` when encoded.
 
 rustler::atoms! {
     ok,
     error,
     nil,
     done,
-    // quiche::Error variants
-    buffer_too_short,
-    unknown_version,
-    invalid_frame,
-    invalid_packet,
-    invalid_state,
-    invalid_stream_state,
-    invalid_transport_param,
-    crypto_fail,
-    tls_fail,
-    flow_control,
-    stream_limit,
-    stream_stopped,
-    stream_reset,
-    final_size,
-    congestion_control,
-    id_limit,
-    out_of_identifiers,
-    key_update,
-    crypto_buffer_exceeded,
-    invalid_ack_range,
-    optimistic_ack_detected,
-    invalid_dcid_initialization,
     // our own error reasons
     badarg,
     invalid_option,
@@ -44,12 +22,6 @@ rustler::atoms! {
     zero_rtt,
     short,
     version_negotiation,
-    // connection states and fields
-    established,
-    closed,
-    draining,
-    timed_out,
-    is_app,
     // stream shutdown directions
     read,
     write,
@@ -75,7 +47,6 @@ rustler::atoms! {
     min_rtt,
     rttvar,
     cwnd,
-    sent_bytes_path,
     pmtu,
     delivery_rate,
     // info keys
@@ -107,11 +78,8 @@ rustler::atoms! {
     disable_active_migration,
     active_conn_id_limit,
     max_datagram_frame_size,
-    peer_streams_left_bidi,
-    peer_streams_left_uni,
     send_quantum,
     max_send_udp_payload_size,
     retry_used,
     held,
-    fin,
 }
