@@ -5,7 +5,8 @@ defmodule Mix.Tasks.Compile.QuichexNif do
 
   Hex is not needed: this compiler replaces `rustler`'s Mix side. It rebuilds
   only when a file under `native/quichex_nif` (sources, `Cargo.toml`,
-  `Cargo.lock`) is newer than the library in `priv/native/`.
+  `Cargo.lock`) or a source of the vendored quiche in `native/vendor/quiche`
+  is newer than the library in `priv/native/`.
 
   Set `QUICHEX_SKIP_NIF_BUILD=1` to skip the build (for example when a
   prebuilt library was already copied into `priv/native/`).
@@ -66,8 +67,12 @@ defmodule Mix.Tasks.Compile.QuichexNif do
     end
   end
 
+  # The crate's sources and the vendored quiche it builds against.
   defp source_files(crate_dir) do
+    vendor = Path.join(crate_dir, "../vendor/quiche")
+
     Path.wildcard(Path.join(crate_dir, "src/**/*.rs")) ++
+      Path.wildcard(Path.join(vendor, "src/**/*.rs")) ++
       Enum.filter(
         [Path.join(crate_dir, "Cargo.toml"), Path.join(crate_dir, "Cargo.lock")],
         &File.exists?/1

@@ -3609,14 +3609,14 @@ impl<F: BufFactory> Connection<F> {
                         self.crypto_ctx[epoch]
                             .crypto_stream
                             .send
-                            .ack_and_drop(offset, length);
+                            .ack_and_drop(offset, length, false);
                     },
 
                     frame::Frame::StreamHeader {
                         stream_id,
                         offset,
                         length,
-                        ..
+                        fin,
                     } => {
                         // Emit qlog before checking if the stream still exists.
                         // The client does need to ACK frames that were received
@@ -3646,7 +3646,10 @@ impl<F: BufFactory> Connection<F> {
                             None => continue,
                         };
 
-                        let dropped = stream.send.ack_and_drop(offset, length);
+                        // quichex patch A: pass the FIN bit along, so the
+                        // stream is only complete once its FIN was acked.
+                        let dropped =
+                            stream.send.ack_and_drop(offset, length, fin);
                         let priority_key = Arc::clone(&stream.priority_key);
 
                         // Only collect the stream if it is complete and not
@@ -4209,6 +4212,14 @@ impl<F: BufFactory> Connection<F> {
 
                         let retransmitted =
                             stream.send.retransmit(offset, length);
+
+                        // quichex patch C: re-arm a lost FIN, which also makes
+                        // the stream flushable when the FIN is all that is
+                        // left to send (even if the lost frame carried data
+                        // that was since acked through another copy).
+                        if fin {
+                            stream.send.retransmit_fin();
+                        }
 
                         // If the stream is now flushable push it to the
                         // flushable queue, but only if it wasn't already
@@ -6358,7 +6369,35 @@ impl<F: BufFactory> Connection<F> {
             },
         }
 
+        // quichex patch B: shutting down a direction can complete the stream
+        // (e.g. `Shutdown::Read` when the peer's final size is already known
+        // and our send side is complete), and nothing else would collect it.
+        self.collect_stream_if_complete(stream_id);
+
         Ok(())
+    }
+
+    // quichex patch B: collects the stream if it is complete, unless it is
+    // readable (stream_recv() will collect it) or it was stopped by the peer
+    // and is still queued as writable to report `StreamStopped` (one of
+    // stream_send(), stream_capacity(), ... will collect it). These are the
+    // same conditions used when processing ACKs of STREAM and RESET_STREAM
+    // frames. Used where a stream can complete without going through those
+    // paths, which would otherwise leak it (and the peer's stream credit).
+    fn collect_stream_if_complete(&mut self, stream_id: u64) {
+        let stream = match self.streams.get(stream_id) {
+            Some(v) => v,
+
+            None => return,
+        };
+
+        let is_writable = stream.priority_key.writable.is_linked() &&
+            stream.send.is_stopped();
+
+        if stream.is_complete() && !stream.is_readable() && !is_writable {
+            let local = stream.local;
+            self.streams.collect(stream_id, local);
+        }
     }
 
     /// Returns the stream's send capacity in bytes.
@@ -8461,6 +8500,9 @@ impl<F: BufFactory> Connection<F> {
                 let was_readable = stream.is_readable();
                 let priority_key = Arc::clone(&stream.priority_key);
 
+                // quichex patch B: see below.
+                let is_draining = stream.recv.is_draining();
+
                 let stream::RecvBufResetReturn {
                     max_data_delta,
                     consumed_flowcontrol,
@@ -8481,6 +8523,14 @@ impl<F: BufFactory> Connection<F> {
 
                 self.reset_stream_remote_count =
                     self.reset_stream_remote_count.saturating_add(1);
+
+                // quichex patch B: a draining stream (read side shut down)
+                // never becomes readable, so stream_recv() won't collect it
+                // once the peer's RESET_STREAM (e.g. the answer to our
+                // STOP_SENDING) completes its receive side. Do it here.
+                if is_draining {
+                    self.collect_stream_if_complete(stream_id);
+                }
             },
 
             frame::Frame::StopSending {
@@ -8656,6 +8706,11 @@ impl<F: BufFactory> Connection<F> {
                     // the received data as consumed, which might trigger a flow
                     // control update.
                     self.flow_control.add_consumed(max_off_delta);
+
+                    // quichex patch B: a draining stream never becomes
+                    // readable, so stream_recv() won't collect it once the
+                    // peer's FIN completes its receive side. Do it here.
+                    self.collect_stream_if_complete(stream_id);
                 }
             },
 

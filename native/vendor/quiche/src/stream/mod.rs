@@ -869,9 +869,14 @@ impl<F: BufFactory> Stream<F> {
     pub fn is_flushable(&self) -> bool {
         let off_front = self.send.off_front();
 
-        !self.send.is_empty() &&
+        (!self.send.is_empty() &&
             off_front < self.send.off_back() &&
-            off_front < self.send.max_off()
+            off_front < self.send.max_off()) ||
+            // quichex patch C: all data was emitted, but the FIN was not
+            // (e.g. it was lost, or written while an earlier range was
+            // waiting for retransmission): an empty STREAM frame carrying the
+            // FIN can be sent.
+            (self.send.is_fin_pending() && off_front == self.send.off_back())
     }
 
     /// Returns true if the stream is complete.
@@ -1646,7 +1651,7 @@ mod tests {
         assert!(!fin);
         assert_eq!(&buf[..written], b"hello");
 
-        stream.send.ack_and_drop(0, 5);
+        stream.send.ack_and_drop(0, 5, false);
 
         stream.send.retransmit(0, 5);
 
@@ -1683,8 +1688,8 @@ mod tests {
         assert!(!fin);
         assert_eq!(&buf[..written], b"w");
 
-        stream.send.ack_and_drop(5, 1);
-        stream.send.ack_and_drop(0, 5);
+        stream.send.ack_and_drop(5, 1, false);
+        stream.send.ack_and_drop(0, 5, false);
 
         stream.send.retransmit(0, 5);
         stream.send.retransmit(5, 1);
@@ -1750,6 +1755,12 @@ mod tests {
         assert!(!stream.send.is_complete());
 
         stream.send.ack(0, 1);
+
+        // quichex patch A: all data is acked, but the (separately written)
+        // FIN was not, so the send side is not complete yet.
+        assert!(!stream.send.is_complete());
+
+        stream.send.ack_and_drop(10, 0, true);
         assert!(stream.send.is_complete());
 
         assert!(!stream.is_complete());
@@ -1868,7 +1879,7 @@ mod tests {
         assert_eq!(stream.send.off_front(), 8);
         assert_eq!(&buf[..4], b"owor");
 
-        stream.send.ack_and_drop(0, 5);
+        stream.send.ack_and_drop(0, 5, false);
         assert_eq!(stream.send.bufs_count(), 3);
 
         assert!(stream_send_ready(&stream));
@@ -1876,7 +1887,7 @@ mod tests {
         assert_eq!(stream.send.off_front(), 10);
         assert_eq!(&buf[..2], b"ld");
 
-        stream.send.ack_and_drop(7, 5);
+        stream.send.ack_and_drop(7, 5, false);
         assert_eq!(stream.send.bufs_count(), 3);
 
         assert!(stream_send_ready(&stream));
@@ -1889,7 +1900,7 @@ mod tests {
         assert_eq!(stream.send.off_front(), 16);
         assert_eq!(&buf[..5], b"llehd");
 
-        stream.send.ack_and_drop(5, 7);
+        stream.send.ack_and_drop(5, 7, false);
         assert_eq!(stream.send.bufs_count(), 2);
 
         assert!(stream_send_ready(&stream));
@@ -1903,10 +1914,10 @@ mod tests {
         assert_eq!(stream.send.emit(&mut buf[..5]), Ok((0, true)));
         assert_eq!(stream.send.off_front(), 20);
 
-        stream.send.ack_and_drop(22, 4);
+        stream.send.ack_and_drop(22, 4, false);
         assert_eq!(stream.send.bufs_count(), 2);
 
-        stream.send.ack_and_drop(20, 1);
+        stream.send.ack_and_drop(20, 1, false);
         assert_eq!(stream.send.bufs_count(), 2);
     }
 
@@ -1955,7 +1966,7 @@ mod tests {
         assert_eq!(stream.send.off_front(), 10);
         assert_eq!(&buf[..2], b"ld");
 
-        stream.send.ack_and_drop(7, 2);
+        stream.send.ack_and_drop(7, 2, false);
 
         stream.send.retransmit(8, 2);
 
@@ -2009,7 +2020,7 @@ mod tests {
         assert_eq!(stream.send.off_front(), 20);
         assert_eq!(&buf[..2], b"ro");
 
-        stream.send.ack_and_drop(12, 7);
+        stream.send.ack_and_drop(12, 7, false);
 
         stream.send.retransmit(7, 12);
 
@@ -2570,7 +2581,7 @@ mod tests {
         assert_eq!(stream.send.buffered_bytes(), 5);
 
         // Ack the data.
-        stream.send.ack_and_drop(0, 5);
+        stream.send.ack_and_drop(0, 5, false);
         assert_eq!(stream.send.buffered_bytes(), 0);
 
         // Try to retransmit again - should return 0 since data is acked.
@@ -2598,7 +2609,7 @@ mod tests {
         assert_eq!(stream.send.buffered_bytes(), 10);
 
         // Ack first 5 bytes and drop them.
-        let dropped = stream.send.ack_and_drop(0, 5);
+        let dropped = stream.send.ack_and_drop(0, 5, false);
         assert_eq!(dropped, 5);
         assert_eq!(stream.send.buffered_bytes(), 5);
 
@@ -2629,7 +2640,7 @@ mod tests {
         assert_eq!(stream.send.buffered_bytes(), 5);
 
         // Ack and drop - should decrement len and return dropped amount.
-        let dropped = stream.send.ack_and_drop(0, 5);
+        let dropped = stream.send.ack_and_drop(0, 5, false);
         assert_eq!(dropped, 5);
         assert_eq!(stream.send.buffered_bytes(), 0);
     }
@@ -2654,12 +2665,12 @@ mod tests {
         assert_eq!(stream.send.buffered_bytes(), 10);
 
         // Ack and drop only first chunk.
-        let dropped = stream.send.ack_and_drop(0, 5);
+        let dropped = stream.send.ack_and_drop(0, 5, false);
         assert_eq!(dropped, 5);
         assert_eq!(stream.send.buffered_bytes(), 5);
 
         // Ack and drop second chunk.
-        let dropped = stream.send.ack_and_drop(5, 5);
+        let dropped = stream.send.ack_and_drop(5, 5, false);
         assert_eq!(dropped, 5);
         assert_eq!(stream.send.buffered_bytes(), 0);
     }
@@ -2676,7 +2687,7 @@ mod tests {
 
         // Ack data that's already been fully emitted and not retransmitted.
         // Nothing should be dropped since there's no buffered data.
-        let dropped = stream.send.ack_and_drop(0, 5);
+        let dropped = stream.send.ack_and_drop(0, 5, false);
         assert_eq!(dropped, 0);
         assert_eq!(stream.send.buffered_bytes(), 0);
     }
@@ -2752,7 +2763,7 @@ mod tests {
         // decrease by actual amount dropped.
         let dropped = {
             let stream = streams.get_mut(stream_id).unwrap();
-            stream.send.ack_and_drop(0, 5)
+            stream.send.ack_and_drop(0, 5, false)
         };
         assert_eq!(dropped, 5);
         streams.sub_tx_buffered(dropped);
@@ -2784,7 +2795,7 @@ mod tests {
         assert_eq!(stream.send.buffered_bytes(), 5);
 
         // After ack_and_drop.
-        let dropped = stream.send.ack_and_drop(0, 5);
+        let dropped = stream.send.ack_and_drop(0, 5, false);
         assert_eq!(dropped, 5);
         assert_eq!(stream.send.buffered_bytes(), 0);
     }

@@ -130,6 +130,22 @@ where
 
     /// The error code received via STOP_SENDING.
     error: Option<u64>,
+
+    /// Whether the final size was acknowledged: a STREAM frame carrying the
+    /// FIN was acked, or the stream was reset (RESET_STREAM carries the final
+    /// size instead).
+    //
+    // quichex patch A: acking the data up to `fin_off` is not enough, as the
+    // FIN may have been sent (or may still be waiting to be sent) on its own.
+    fin_acked: bool,
+
+    /// Whether a STREAM frame carrying the FIN still has to be emitted: the
+    /// FIN was written but not sent yet, or a frame carrying it was lost.
+    //
+    // quichex patch C: lets `Stream::is_flushable()` keep the stream queued
+    // until the FIN actually goes out, even when the data emitted before it
+    // (e.g. a retransmission of an earlier range) does not reach `fin_off`.
+    fin_pending: bool,
 }
 
 impl<F: BufFactory> SendBuf<F> {
@@ -168,6 +184,10 @@ impl<F: BufFactory> SendBuf<F> {
 
         if fin {
             self.fin_off = Some(max_off);
+
+            // quichex patch C: the FIN has to be emitted (unless the final
+            // size was already acknowledged, e.g. via RESET_STREAM).
+            self.fin_pending = !self.fin_acked;
         }
 
         // Don't queue data that was already fully acked.
@@ -297,6 +317,11 @@ impl<F: BufFactory> SendBuf<F> {
         // propagate the final size.
         let fin = self.fin_off == Some(next_off);
 
+        // quichex patch C: the FIN is on its way now.
+        if fin {
+            self.fin_pending = false;
+        }
+
         // Record the largest offset that has been sent so we can accurately
         // report final_size
         self.emit_off = cmp::max(self.emit_off, next_off);
@@ -324,8 +349,13 @@ impl<F: BufFactory> SendBuf<F> {
         self.acked.insert(off..off + len as u64);
     }
 
-    pub fn ack_and_drop(&mut self, off: u64, len: usize) -> usize {
+    pub fn ack_and_drop(&mut self, off: u64, len: usize, fin: bool) -> usize {
         self.ack(off, len);
+
+        // quichex patch A: remember that the FIN itself was acknowledged.
+        if fin {
+            self.fin_acked = true;
+        }
 
         let ack_off = self.ack_off();
 
@@ -434,12 +464,34 @@ impl<F: BufFactory> SendBuf<F> {
         total_retransmitted as usize
     }
 
+    /// Marks the FIN for retransmission, after a frame carrying it was lost.
+    //
+    // quichex patch C: `retransmit()` only re-queues data, and a stream with
+    // nothing but a FIN left to send would otherwise not be flushable.
+    pub fn retransmit_fin(&mut self) {
+        if self.fin_off.is_some() && !self.fin_acked {
+            self.fin_pending = true;
+        }
+    }
+
+    /// Returns true if a STREAM frame carrying the FIN still has to be sent.
+    pub fn is_fin_pending(&self) -> bool {
+        self.fin_pending
+    }
+
     /// Resets the stream at the current offset and clears all buffered data.
     pub fn reset(&mut self) -> (u64, u64) {
         let unsent_off = cmp::max(self.off_front(), self.emit_off);
         let unsent_len = self.off_back().saturating_sub(unsent_off);
 
         self.fin_off = Some(unsent_off);
+
+        // quichex patch A: the final size is now carried by RESET_STREAM, so
+        // there is no FIN left to wait for.
+        self.fin_acked = true;
+
+        // quichex patch C: nor to send.
+        self.fin_pending = false;
 
         // Drop all buffered data.
         self.data.clear();
@@ -529,10 +581,11 @@ impl<F: BufFactory> SendBuf<F> {
     /// Returns true if the send-side of the stream is complete.
     ///
     /// This happens when the stream's send final size is known, and the peer
-    /// has already acked all stream data up to that point.
+    /// has already acked all stream data up to that point, as well as the FIN.
     pub fn is_complete(&self) -> bool {
         if let Some(fin_off) = self.fin_off {
-            if self.acked == (0..fin_off) {
+            // quichex patch A: also require the FIN to have been acked.
+            if self.fin_acked && self.acked == (0..fin_off) {
                 return true;
             }
         }
@@ -882,5 +935,54 @@ mod tests {
         let (fin_off, unsent) = send.stop(0).unwrap();
         assert_eq!(fin_off, 50);
         assert_eq!(unsent, 0);
+    }
+
+    // quichex patches A and C.
+    #[test]
+    fn fin_ack_and_retransmit() {
+        let mut buf = [0; 10];
+        let mut send = <SendBuf>::new(u64::MAX);
+
+        assert_eq!(send.write(b"hello", false), Ok(5));
+        assert_eq!(send.emit(&mut buf), Ok((5, false)));
+
+        // The FIN is written on its own, then the data is acked.
+        assert_eq!(send.write(b"", true), Ok(0));
+        assert!(send.is_fin_pending());
+        send.ack_and_drop(0, 5, false);
+        assert!(!send.is_complete());
+
+        // The FIN goes out alone, and is lost.
+        assert_eq!(send.emit(&mut buf), Ok((0, true)));
+        assert!(!send.is_fin_pending());
+        assert_eq!(send.retransmit(5, 0), 0);
+        send.retransmit_fin();
+        assert!(send.is_fin_pending());
+
+        // It is sent again, and acked.
+        assert_eq!(send.emit(&mut buf), Ok((0, true)));
+        assert!(!send.is_fin_pending());
+        send.ack_and_drop(5, 0, true);
+        assert!(send.is_complete());
+
+        // Losing another copy of an acked FIN doesn't re-arm it.
+        send.retransmit_fin();
+        assert!(!send.is_fin_pending());
+    }
+
+    // quichex patches A and C.
+    #[test]
+    fn reset_completes_without_fin_ack() {
+        let mut buf = [0; 10];
+        let mut send = <SendBuf>::new(u64::MAX);
+
+        assert_eq!(send.write(b"hello", true), Ok(5));
+        assert!(send.is_fin_pending());
+        assert_eq!(send.emit(&mut buf[..2]), Ok((2, false)));
+
+        // RESET_STREAM carries the final size, no FIN to send or wait for.
+        assert_eq!(send.shutdown(), Ok((2, 3)));
+        assert!(!send.is_fin_pending());
+        assert!(send.is_complete());
     }
 }

@@ -1,0 +1,786 @@
+//! Regression tests for the local patches applied to the vendored quiche
+//! 0.30.0 (see `native/vendor/PATCHES.md`).
+//!
+//! Each test drives a client and a server `quiche::Connection` through an
+//! in-memory "network" using only quiche's public API. Packets are moved by
+//! hand, so a test can hold back, reorder or drop them deterministically.
+//!
+//! - Patch A (cloudflare/quiche#2525): a stream's send side is only complete
+//!   once its FIN was acknowledged, not merely the data before it. Tests
+//!   `a_*`, `b_*` and `c_*` lose the FIN on unpatched quiche 0.30.0.
+//! - Patch B (cloudflare/quiche#1968): streams that complete through
+//!   `stream_shutdown()` or on a draining receive side are collected, giving
+//!   the peer its stream credit back. Tests `d_*`, `e_*` and `f_*` never get
+//!   the credit back on unpatched quiche 0.30.0.
+//! - Patch C (no upstream issue): a FIN that still has to be (re)sent keeps
+//!   its stream in the flush queue, even when the data sent before it does
+//!   not reach the final offset. Tests `h_*`, `i_*` and `j_*` lose the FIN on
+//!   unpatched quiche 0.30.0, and with patch A alone.
+//!
+//! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
+//! too; they guard behaviour the patches must keep.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quiche::{Config, Connection, ConnectionId, RecvInfo, Shutdown};
+
+const MAX_DATAGRAM_SIZE: usize = 1350;
+
+// Stream IDs (RFC 9000, section 2.1).
+const CLIENT_BIDI_0: u64 = 0;
+const CLIENT_BIDI_1: u64 = 4;
+const CLIENT_UNI_0: u64 = 2;
+
+fn client_addr() -> SocketAddr {
+    "127.0.0.1:40000".parse().unwrap()
+}
+
+fn server_addr() -> SocketAddr {
+    "127.0.0.1:4433".parse().unwrap()
+}
+
+fn cert_path(file: &str) -> String {
+    format!(
+        "{}/../vendor/quiche/examples/{}",
+        env!("CARGO_MANIFEST_DIR"),
+        file
+    )
+}
+
+/// A config with generous flow control; `max_streams_bidi` is the number of
+/// bidirectional streams the peer of this endpoint may open.
+fn config(is_server: bool, max_streams_bidi: u64) -> Config {
+    let mut config = Config::new(quiche::PROTOCOL_VERSION).unwrap();
+
+    config.set_application_protos(&[b"quichex-test"]).unwrap();
+    config.set_max_idle_timeout(30_000);
+    config.set_max_recv_udp_payload_size(MAX_DATAGRAM_SIZE);
+    config.set_max_send_udp_payload_size(MAX_DATAGRAM_SIZE);
+    config.set_initial_max_data(1_000_000);
+    config.set_initial_max_stream_data_bidi_local(100_000);
+    config.set_initial_max_stream_data_bidi_remote(100_000);
+    config.set_initial_max_stream_data_uni(100_000);
+    config.set_initial_max_streams_bidi(max_streams_bidi);
+    config.set_initial_max_streams_uni(10);
+    config.set_disable_active_migration(true);
+
+    if is_server {
+        config
+            .load_cert_chain_from_pem_file(&cert_path("cert.crt"))
+            .unwrap();
+        config
+            .load_priv_key_from_pem_file(&cert_path("cert.key"))
+            .unwrap();
+    } else {
+        config.verify_peer(false);
+    }
+
+    config
+}
+
+/// Sends all pending packets of `conn`, without delivering them anywhere.
+fn flush(conn: &mut Connection) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0; MAX_DATAGRAM_SIZE];
+
+    loop {
+        match conn.send(&mut buf) {
+            Ok((len, _)) => out.push(buf[..len].to_vec()),
+
+            Err(quiche::Error::Done) => break,
+
+            Err(e) => panic!("send failed: {e:?}"),
+        }
+    }
+
+    out
+}
+
+/// Feeds `pkts` to `conn`, as if sent from `from` to `to`.
+fn deliver(conn: &mut Connection, pkts: &[Vec<u8>], from: SocketAddr, to: SocketAddr) {
+    for pkt in pkts {
+        let mut pkt = pkt.clone();
+
+        match conn.recv(&mut pkt, RecvInfo { from, to }) {
+            Ok(_) | Err(quiche::Error::Done) => (),
+
+            Err(e) => panic!("recv failed: {e:?}"),
+        }
+    }
+}
+
+/// A client and a server connected through an in-memory network.
+struct Pipe {
+    client: Connection,
+    server: Connection,
+}
+
+impl Pipe {
+    /// Creates both endpoints and completes the handshake.
+    fn new(server_max_streams_bidi: u64) -> Pipe {
+        let client_scid = ConnectionId::from_ref(&[0xc1; 16]);
+        let server_scid = ConnectionId::from_ref(&[0x5e; 16]);
+
+        let client = quiche::connect(
+            Some("quic.tech"),
+            &client_scid,
+            client_addr(),
+            server_addr(),
+            &mut config(false, 10),
+        )
+        .unwrap();
+
+        let server = quiche::accept(
+            &server_scid,
+            None,
+            server_addr(),
+            client_addr(),
+            &mut config(true, server_max_streams_bidi),
+        )
+        .unwrap();
+
+        let mut pipe = Pipe { client, server };
+
+        pipe.advance();
+
+        assert!(pipe.client.is_established());
+        assert!(pipe.server.is_established());
+
+        pipe
+    }
+
+    /// Sends the client's pending packets and returns them, undelivered.
+    fn client_flush(&mut self) -> Vec<Vec<u8>> {
+        flush(&mut self.client)
+    }
+
+    /// Sends the server's pending packets and returns them, undelivered.
+    fn server_flush(&mut self) -> Vec<Vec<u8>> {
+        flush(&mut self.server)
+    }
+
+    fn deliver_to_server(&mut self, pkts: &[Vec<u8>]) {
+        deliver(&mut self.server, pkts, client_addr(), server_addr());
+    }
+
+    fn deliver_to_client(&mut self, pkts: &[Vec<u8>]) {
+        deliver(&mut self.client, pkts, server_addr(), client_addr());
+    }
+
+    /// Moves all pending client packets to the server, returning them.
+    fn client_to_server(&mut self) -> Vec<Vec<u8>> {
+        let pkts = self.client_flush();
+        self.deliver_to_server(&pkts);
+        pkts
+    }
+
+    /// Moves all pending server packets to the client, returning them.
+    fn server_to_client(&mut self) -> Vec<Vec<u8>> {
+        let pkts = self.server_flush();
+        self.deliver_to_client(&pkts);
+        pkts
+    }
+
+    /// Exchanges packets until neither side has anything left to send.
+    fn advance(&mut self) {
+        for _ in 0..100 {
+            let c = self.client_to_server();
+            let s = self.server_to_client();
+
+            if c.is_empty() && s.is_empty() {
+                return;
+            }
+        }
+
+        panic!("the connections kept sending packets");
+    }
+
+    /// Makes the client detect the loss of earlier unacknowledged packets by
+    /// packet threshold: sends 3 ack-eliciting packets that the server
+    /// receives and acknowledges. No timers involved.
+    fn client_detect_loss(&mut self) {
+        let lost_before = self.client.stats().lost;
+
+        for _ in 0..3 {
+            self.client.send_ack_eliciting().unwrap();
+            assert!(!self.client_to_server().is_empty());
+        }
+
+        assert!(!self.server_to_client().is_empty());
+
+        assert!(
+            self.client.stats().lost > lost_before,
+            "the client did not detect the loss"
+        );
+    }
+
+    /// Same as `client_detect_loss()`, the other way around.
+    fn server_detect_loss(&mut self) {
+        let lost_before = self.server.stats().lost;
+
+        for _ in 0..3 {
+            self.server.send_ack_eliciting().unwrap();
+            assert!(!self.server_to_client().is_empty());
+        }
+
+        assert!(!self.client_to_server().is_empty());
+
+        assert!(
+            self.server.stats().lost > lost_before,
+            "the server did not detect the loss"
+        );
+    }
+}
+
+/// What an application has read from a stream so far.
+#[derive(Default)]
+struct Received {
+    data: Vec<u8>,
+    fin: bool,
+}
+
+impl Received {
+    /// Reads everything currently readable on `stream_id`.
+    fn read(&mut self, conn: &mut Connection, stream_id: u64) {
+        let mut buf = [0; 4096];
+
+        while !self.fin {
+            match conn.stream_recv(stream_id, &mut buf) {
+                Ok((len, fin)) => {
+                    self.data.extend_from_slice(&buf[..len]);
+                    self.fin = fin;
+                }
+
+                Err(quiche::Error::Done) => break,
+
+                Err(e) => panic!("stream_recv({stream_id}) failed: {e:?}"),
+            }
+        }
+    }
+}
+
+/// True when the local stream is gone, i.e. it was collected.
+fn is_collected(conn: &mut Connection, stream_id: u64) -> bool {
+    conn.stream_capacity(stream_id) == Err(quiche::Error::InvalidStreamState(stream_id))
+}
+
+// ---------------------------------------------------------------------------
+// Patch A: the FIN must be acknowledged before a send side is complete.
+// ---------------------------------------------------------------------------
+
+/// (a) The data is acknowledged after an empty FIN was written but before it
+/// was sent: the FIN must still go out.
+#[test]
+fn a_empty_fin_written_before_data_ack_is_still_sent() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_UNI_0, b"hello", false),
+        Ok(5)
+    );
+    pipe.client_to_server();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"hello");
+    assert!(!received.fin);
+
+    // The server acknowledges the data, but the ACK is held back.
+    let ack = pipe.server_flush();
+    assert!(!ack.is_empty());
+
+    // The application finishes the stream with an empty write...
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+
+    // ...and the data's ACK arrives before the FIN is sent.
+    pipe.deliver_to_client(&ack);
+
+    // The FIN must still be sent.
+    assert!(!pipe.client_to_server().is_empty(), "no FIN was sent");
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"hello");
+    assert!(received.fin, "the server never saw the FIN");
+
+    // Once the FIN is acked, the client collects the stream.
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (b) A FIN sent on its own is lost after the data was acknowledged: it must
+/// be retransmitted.
+#[test]
+fn b_lost_lone_fin_is_retransmitted_after_data_ack() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_UNI_0, b"hello", false),
+        Ok(5)
+    );
+    pipe.client_to_server();
+
+    // The data's ACK is held back for now.
+    let ack = pipe.server_flush();
+    assert!(!ack.is_empty());
+
+    // The empty FIN goes out on its own, and is lost.
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    let lost = pipe.client_flush();
+    assert_eq!(lost.len(), 1);
+
+    // Now the data is acknowledged.
+    pipe.deliver_to_client(&ack);
+
+    // The client detects the loss of the FIN's packet...
+    pipe.client_detect_loss();
+
+    // ...and retransmits the FIN.
+    assert!(!pipe.client_to_server().is_empty(), "FIN not retransmitted");
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"hello");
+    assert!(received.fin, "the server never saw the FIN");
+
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (b') Same as (b), but the data is acknowledged before the FIN is even
+/// written. This already works on unpatched quiche, and must keep working.
+#[test]
+fn b_lost_lone_fin_written_after_data_ack_is_retransmitted() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_UNI_0, b"hello", false),
+        Ok(5)
+    );
+    pipe.client_to_server();
+    pipe.server_to_client();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    let lost = pipe.client_flush();
+    assert_eq!(lost.len(), 1);
+
+    pipe.client_detect_loss();
+
+    assert!(!pipe.client_to_server().is_empty(), "FIN not retransmitted");
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"hello");
+    assert!(received.fin, "the server never saw the FIN");
+
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (c) Request/response on a bidi stream: the server read the request's FIN,
+/// its response data is acknowledged between the response's (empty) FIN
+/// being written and sent. The client must see the FIN.
+#[test]
+fn c_response_fin_after_request_fin_read_is_sent() {
+    let mut pipe = Pipe::new(10);
+    let mut request = Received::default();
+    let mut response = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_BIDI_0, b"request", true),
+        Ok(7)
+    );
+    pipe.advance();
+
+    request.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert_eq!(request.data, b"request");
+    assert!(request.fin);
+
+    assert_eq!(
+        pipe.server.stream_send(CLIENT_BIDI_0, b"response", false),
+        Ok(8)
+    );
+    pipe.server_to_client();
+
+    // The client acknowledges the response data; the ACK is held back.
+    let ack = pipe.client_flush();
+    assert!(!ack.is_empty());
+
+    assert_eq!(pipe.server.stream_send(CLIENT_BIDI_0, b"", true), Ok(0));
+
+    pipe.deliver_to_server(&ack);
+
+    assert!(!pipe.server_to_client().is_empty(), "no FIN was sent");
+    pipe.advance();
+
+    response.read(&mut pipe.client, CLIENT_BIDI_0);
+    assert_eq!(response.data, b"response");
+    assert!(response.fin, "the client never saw the FIN");
+}
+
+/// (c'') The other way around: the response data is acknowledged and its
+/// empty FIN written, then the server reads the request's FIN (stream_recv()
+/// collects complete streams too) before sending. The client must see the
+/// FIN.
+#[test]
+fn c_response_fin_pending_when_request_fin_is_read_is_sent() {
+    let mut pipe = Pipe::new(10);
+    let mut request = Received::default();
+    let mut response = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_BIDI_0, b"request", false),
+        Ok(7)
+    );
+    pipe.advance();
+
+    request.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert_eq!(request.data, b"request");
+    assert!(!request.fin);
+
+    // The response data is sent and acknowledged.
+    assert_eq!(
+        pipe.server.stream_send(CLIENT_BIDI_0, b"response", false),
+        Ok(8)
+    );
+    pipe.advance();
+
+    // The response's FIN is written, but not sent yet...
+    assert_eq!(pipe.server.stream_send(CLIENT_BIDI_0, b"", true), Ok(0));
+
+    // ...when the request's FIN arrives and is read.
+    assert_eq!(pipe.client.stream_send(CLIENT_BIDI_0, b"", true), Ok(0));
+    let request_fin = pipe.client_flush();
+    pipe.deliver_to_server(&request_fin);
+
+    request.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert!(request.fin);
+
+    assert!(!pipe.server_to_client().is_empty(), "no FIN was sent");
+    pipe.advance();
+
+    response.read(&mut pipe.client, CLIENT_BIDI_0);
+    assert_eq!(response.data, b"response");
+    assert!(response.fin, "the client never saw the FIN");
+}
+
+/// (c') Same as (c), but the lone FIN is also lost after the data's ACK
+/// arrived: it must be retransmitted.
+#[test]
+fn c_lost_response_fin_after_request_fin_read_is_retransmitted() {
+    let mut pipe = Pipe::new(10);
+    let mut request = Received::default();
+    let mut response = Received::default();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_BIDI_0, b"request", true),
+        Ok(7)
+    );
+    pipe.advance();
+
+    request.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert!(request.fin);
+
+    assert_eq!(
+        pipe.server.stream_send(CLIENT_BIDI_0, b"response", false),
+        Ok(8)
+    );
+    pipe.server_to_client();
+    let ack = pipe.client_flush();
+    assert!(!ack.is_empty());
+
+    assert_eq!(pipe.server.stream_send(CLIENT_BIDI_0, b"", true), Ok(0));
+    let lost = pipe.server_flush();
+    assert_eq!(lost.len(), 1);
+
+    pipe.deliver_to_server(&ack);
+
+    pipe.server_detect_loss();
+
+    assert!(!pipe.server_to_client().is_empty(), "FIN not retransmitted");
+    pipe.advance();
+
+    response.read(&mut pipe.client, CLIENT_BIDI_0);
+    assert_eq!(response.data, b"response");
+    assert!(response.fin, "the client never saw the FIN");
+}
+
+// ---------------------------------------------------------------------------
+// Patch B: streams completed by stream_shutdown() or on a draining receive
+// side are collected, and the peer gets its stream credit back.
+// ---------------------------------------------------------------------------
+
+/// Opens a client bidi stream with `request` (no FIN), has the server read
+/// it and answer with a complete response whose FIN the client acknowledges.
+fn open_and_answer(pipe: &mut Pipe, request_fin: bool) {
+    assert_eq!(pipe.client.peer_streams_left_bidi(), 1);
+
+    assert_eq!(
+        pipe.client
+            .stream_send(CLIENT_BIDI_0, b"request", request_fin),
+        Ok(7)
+    );
+    pipe.advance();
+
+    assert_eq!(pipe.client.peer_streams_left_bidi(), 0);
+    assert!(pipe.server.readable().any(|id| id == CLIENT_BIDI_0));
+
+    // The server's send side completes: response and FIN are acked.
+    assert_eq!(
+        pipe.server.stream_send(CLIENT_BIDI_0, b"response", true),
+        Ok(8)
+    );
+    pipe.advance();
+
+    let mut response = Received::default();
+    response.read(&mut pipe.client, CLIENT_BIDI_0);
+    assert_eq!(response.data, b"response");
+    assert!(response.fin);
+}
+
+/// Checks that the client can open its next bidi stream.
+fn assert_bidi_credit_returned(pipe: &mut Pipe) {
+    assert!(
+        pipe.client.peer_streams_left_bidi() > 0,
+        "the server never returned the bidi stream credit"
+    );
+
+    assert_eq!(pipe.client.stream_send(CLIENT_BIDI_1, b"next", true), Ok(4));
+    pipe.advance();
+
+    let mut next = Received::default();
+    next.read(&mut pipe.server, CLIENT_BIDI_1);
+    assert_eq!(next.data, b"next");
+    assert!(next.fin);
+}
+
+/// (d) The server stops reading a stream whose response it already
+/// completed; the client answers STOP_SENDING with RESET_STREAM. The stream
+/// must be collected and the credit returned.
+#[test]
+fn d_shutdown_read_then_peer_reset_returns_credit() {
+    let mut pipe = Pipe::new(1);
+
+    open_and_answer(&mut pipe, false);
+
+    // The server is not interested in the rest of the request.
+    pipe.server
+        .stream_shutdown(CLIENT_BIDI_0, Shutdown::Read, 42)
+        .unwrap();
+
+    // STOP_SENDING goes out, RESET_STREAM comes back (quiche answers it
+    // automatically), the server collects the stream and sends MAX_STREAMS.
+    pipe.advance();
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_BIDI_0, b"more", false),
+        Err(quiche::Error::StreamStopped(42))
+    );
+    pipe.advance();
+
+    assert_bidi_credit_returned(&mut pipe);
+}
+
+/// (e) The request's FIN already arrived but the data was not read, and the
+/// response is complete: shutdown(Read) completes the stream right away.
+#[test]
+fn e_shutdown_read_after_peer_fin_returns_credit() {
+    let mut pipe = Pipe::new(1);
+
+    open_and_answer(&mut pipe, true);
+
+    // The request is complete but unread.
+    assert!(pipe.server.readable().any(|id| id == CLIENT_BIDI_0));
+
+    pipe.server
+        .stream_shutdown(CLIENT_BIDI_0, Shutdown::Read, 42)
+        .unwrap();
+
+    assert!(!pipe.server.readable().any(|id| id == CLIENT_BIDI_0));
+
+    pipe.advance();
+
+    assert_bidi_credit_returned(&mut pipe);
+}
+
+/// (f) The server stops reading while the rest of the request, with its
+/// FIN, is already on its way: the draining stream completes when the data
+/// arrives (before the client even sees STOP_SENDING).
+#[test]
+fn f_shutdown_read_then_peer_fin_returns_credit() {
+    let mut pipe = Pipe::new(1);
+
+    open_and_answer(&mut pipe, false);
+
+    // The client finishes the request; the packet is in flight.
+    assert_eq!(pipe.client.stream_send(CLIENT_BIDI_0, b"more", true), Ok(4));
+    let in_flight = pipe.client_flush();
+    assert!(!in_flight.is_empty());
+
+    pipe.server
+        .stream_shutdown(CLIENT_BIDI_0, Shutdown::Read, 42)
+        .unwrap();
+
+    // The STOP_SENDING is lost, the request's remaining data arrives.
+    let stop_sending = pipe.server_flush();
+    assert!(!stop_sending.is_empty());
+    pipe.deliver_to_server(&in_flight);
+
+    pipe.advance();
+
+    assert_bidi_credit_returned(&mut pipe);
+}
+
+/// (g) Shutting down the write side of a stream whose receive side is
+/// finished completes the stream; the RESET_STREAM must still reach the
+/// peer, even when lost, and the credit must come back.
+#[test]
+fn g_shutdown_write_after_request_read_resets_and_returns_credit() {
+    let mut pipe = Pipe::new(1);
+
+    assert_eq!(
+        pipe.client.stream_send(CLIENT_BIDI_0, b"request", true),
+        Ok(7)
+    );
+    pipe.advance();
+
+    let mut request = Received::default();
+    request.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert!(request.fin);
+
+    assert_eq!(
+        pipe.server.stream_send(CLIENT_BIDI_0, b"partial", false),
+        Ok(7)
+    );
+    pipe.advance();
+
+    let mut response = Received::default();
+    response.read(&mut pipe.client, CLIENT_BIDI_0);
+    assert_eq!(response.data, b"partial");
+
+    pipe.server
+        .stream_shutdown(CLIENT_BIDI_0, Shutdown::Write, 7)
+        .unwrap();
+
+    // The RESET_STREAM is lost once, and must be retransmitted.
+    let lost = pipe.server_flush();
+    assert_eq!(lost.len(), 1);
+    pipe.server_detect_loss();
+    pipe.advance();
+
+    let mut buf = [0; 64];
+    assert_eq!(
+        pipe.client.stream_recv(CLIENT_BIDI_0, &mut buf),
+        Err(quiche::Error::StreamReset(7))
+    );
+    pipe.advance();
+
+    assert_bidi_credit_returned(&mut pipe);
+}
+
+// ---------------------------------------------------------------------------
+// Patch C: a pending FIN keeps the stream flushable.
+// ---------------------------------------------------------------------------
+
+/// (h) An empty FIN is written while an earlier range waits for
+/// retransmission and the data after it was acked: the retransmission does
+/// not reach the final offset, so the FIN must be sent on its own after it.
+#[test]
+fn h_empty_fin_written_while_earlier_data_awaits_retransmission() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"aaaa", false), Ok(4));
+    let lost = pipe.client_flush();
+    assert_eq!(lost.len(), 1);
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"bbbb", false), Ok(4));
+    pipe.client_to_server();
+    pipe.server_to_client();
+
+    // "aaaa" is declared lost and queued for retransmission.
+    pipe.client_detect_loss();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"aaaabbbb");
+    assert!(received.fin, "the server never saw the FIN");
+
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (i) A lone FIN is lost together with an earlier range, while the data in
+/// between was acked: both must be retransmitted.
+#[test]
+fn i_lost_fin_and_earlier_data_are_both_retransmitted() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"aaaa", false), Ok(4));
+    let lost = pipe.client_flush();
+    assert_eq!(lost.len(), 1);
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"bbbb", false), Ok(4));
+    pipe.client_to_server();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    let lost = pipe.client_flush();
+    assert_eq!(lost.len(), 1);
+
+    pipe.client_detect_loss();
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"aaaabbbb");
+    assert!(received.fin, "the server never saw the FIN");
+
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (j) The FIN only ever went out attached to a PTO probe's copy of the
+/// data; the original (FIN-less) packet is acked, the probe is lost. Nothing
+/// is left to retransmit but the FIN, which must still be sent.
+///
+/// This one needs a timer: it waits for the client's PTO (a few tens of
+/// milliseconds after the handshake) and fires it with `on_timeout()`.
+#[test]
+fn j_fin_lost_on_pto_copy_after_original_data_acked() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"data", false), Ok(4));
+    let original = pipe.client_flush();
+    assert_eq!(original.len(), 1);
+
+    // The PTO fires: the data is rescheduled (not declared lost).
+    let timeout = pipe.client.timeout().expect("no PTO armed");
+    assert!(timeout < Duration::from_secs(2), "PTO too far: {timeout:?}");
+    std::thread::sleep(timeout);
+    pipe.client.on_timeout();
+
+    // The FIN is written before the probe is built, so the probe carries
+    // "data" with the FIN. It is lost.
+    let retrans_before = pipe.client.stats().retrans;
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    let probes = pipe.client_flush();
+    assert!(!probes.is_empty());
+    assert!(
+        pipe.client.stats().retrans > retrans_before,
+        "the timer that fired was not the PTO"
+    );
+
+    // The original packet arrives after all and is acked.
+    pipe.deliver_to_server(&original);
+    pipe.server_to_client();
+
+    pipe.client_detect_loss();
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"data");
+    assert!(received.fin, "the server never saw the FIN");
+
+    assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
