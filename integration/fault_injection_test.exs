@@ -125,7 +125,8 @@ defmodule Quichex.FaultInjectionTest do
   @tag matrix: {"fault: 200 echo streams, FIN after data, 5% loss", "quichex", "both"}
   test "f: FINs written after the data survive 5% loss on 200 streams" do
     # The docs' Echo answers each chunk as it arrives and sends its FIN on its
-    # own: the path quiche 0.30 can lose (cloudflare/quiche#2525).
+    # own: the path stock quiche 0.30 can lose (cloudflare/quiche#2525,
+    # fixed by our patch in native/vendor).
     ctx = our_pair(1006, drop: 0.05, reorder: 0.02)
     :rand.seed(:exsss, {6, 6, 6})
     started = now()
@@ -135,7 +136,10 @@ defmodule Quichex.FaultInjectionTest do
       |> Task.async_stream(
         fn _ ->
           payload = :crypto.strong_rand_bytes(:rand.uniform(20_000))
-          {:ok, stream} = Connection.open_stream(ctx.conn, :bidirectional, timeout: 30_000)
+
+          {:ok, stream} =
+            Connection.open_stream(ctx.conn, :bidirectional, timeout: 30_000, active: false)
+
           :ok = Quichex.Stream.send(stream, payload, fin: true, timeout: 30_000)
           {read_all(stream, now() + 30_000, nil), payload}
         end,
@@ -152,6 +156,69 @@ defmodule Quichex.FaultInjectionTest do
 
     bytes = results |> Enum.map(fn {_, p} -> byte_size(p) end) |> Enum.sum()
     report("f_fin_after_data_loss5", bytes, now() - started)
+  end
+
+  defmodule ReplyThenClose do
+    # Answers a whole request with its reply, then close/1 in a separate
+    # call: the reply's FIN is an empty STREAM frame of its own.
+    use Quichex.Handler
+
+    @impl Quichex.Handler
+    def handle_stream_open(_stream, _opts), do: {:continue, []}
+
+    @impl Quichex.Handler
+    def handle_data(data, _stream, acc), do: {:continue, [acc | data]}
+
+    @impl Quichex.Handler
+    def handle_fin(stream, acc) do
+      :ok = Quichex.Stream.send(stream, ["reply:" | acc], timeout: 60_000)
+      :ok = Quichex.Stream.close(stream, timeout: 60_000)
+      {:close, acc}
+    end
+  end
+
+  @tag matrix: {"fault: 300 replies, FIN written alone, 30% loss", "quichex", "both"}
+  test "g: 300 request/response streams at 30% loss, each reply's FIN written on its own" do
+    {listener, listener_port} =
+      start_listener(handler: ReplyThenClose, handshake_timeout: @handshake_timeout)
+
+    on_exit(fn -> Listener.stop(listener) end)
+
+    {:ok, proxy, port} =
+      FaultProxy.start_link(upstream: {@loopback, listener_port}, seed: 7001, drop: 0.3)
+
+    ctx =
+      connect_through(%{listener: nil, proxy: proxy, port: port, seed: 7001, server_conn: nil})
+
+    :rand.seed(:exsss, {7, 7, 7})
+    started = now()
+
+    results =
+      1..300
+      |> Task.async_stream(
+        fn i ->
+          request = "request #{i} " <> :crypto.strong_rand_bytes(:rand.uniform(3_000))
+
+          {:ok, stream} =
+            Connection.open_stream(ctx.conn, :bidirectional, timeout: 60_000, active: false)
+
+          :ok = Quichex.Stream.send(stream, request, fin: true, timeout: 60_000)
+          {read_all(stream, now() + 120_000, nil), "reply:" <> request}
+        end,
+        max_concurrency: 30,
+        timeout: 150_000
+      )
+      |> Enum.map(fn {:ok, result} -> result end)
+
+    failed = for {read, expected} <- results, read != {:ok, expected}, do: read
+
+    assert failed == [],
+           "#{length(failed)} of 300 replies failed: #{inspect(Enum.take(failed, 3), limit: 5)}\n" <>
+             diag(ctx)
+
+    bytes = results |> Enum.map(fn {_, reply} -> byte_size(reply) end) |> Enum.sum()
+    report("g_reply_then_close_loss30", bytes, now() - started)
+    assert_faults(ctx, [:dropped])
   end
 
   @tag matrix: {"fault: 10% corrupted datagrams", "quichex", "both"}
@@ -286,7 +353,7 @@ defmodule Quichex.FaultInjectionTest do
     payload = :crypto.strong_rand_bytes(size)
 
     stream =
-      case Connection.open_stream(ctx.conn, :bidirectional, timeout: 10_000) do
+      case Connection.open_stream(ctx.conn, :bidirectional, timeout: 10_000, active: false) do
         {:ok, stream} -> stream
         error -> flunk("#{label}: open_stream: #{inspect(error)}\n" <> diag(ctx))
       end

@@ -72,6 +72,7 @@ defmodule Quichex.InteropMatrixTest do
     {:close, "close: application code and reason", @echo_peers, @both},
     {:reset, "stream reset codes", @echo_peers, @both},
     {:stop, "stop_sending codes", @echo_peers, @both},
+    {:shutdown_both, "shutdown :both (reset and stop)", @echo_peers, [:client]},
     {:retry, "retry", @echo_peers, @both},
     {:chacha20, "ChaCha20-Poly1305 only", @echo_peers, @both},
     {:key_update, "key update during 4 MB", @echo_peers, [:server]},
@@ -102,9 +103,8 @@ defmodule Quichex.InteropMatrixTest do
 
   defmodule MatrixHandler do
     # The echo server of the peers, on our side (handler_options: %{test:
-    # pid}). Bidi streams are echoed; the latest chunk is held back and sent
-    # with the FIN, so a FIN never travels alone (see the Echo of
-    # test/quichex/interop_aioquic_test.exs for why). `RESET <code>\n` /
+    # pid}). Bidi streams are echoed chunk by chunk, and the peer's FIN is
+    # answered with close/1 (an empty FIN on its own). `RESET <code>\n` /
     # `STOP <code>\n` at the start of a bidi stream make us call
     # Quichex.Stream.shutdown(:write / :read) with that code. A uni stream is
     # echoed on a new uni stream after its FIN. With `silent: true` streams
@@ -133,8 +133,7 @@ defmodule Quichex.InteropMatrixTest do
       {:ok, %{direction: dir, connection: conn, id: id}} = Stream.info(stream)
       head = if dir == :bidirectional, do: "", else: nil
 
-      {:continue,
-       Map.merge(opts, %{dir: dir, conn: conn, id: id, head: head, held: nil, acc: []})}
+      {:continue, Map.merge(opts, %{dir: dir, conn: conn, id: id, head: head, acc: []})}
     end
 
     @impl Quichex.Handler
@@ -168,7 +167,9 @@ defmodule Quichex.InteropMatrixTest do
     def handle_fin(_stream, %{silent: true} = st), do: {:continue, st}
 
     def handle_fin(_stream, %{dir: :unidirectional} = st) do
-      {:ok, out} = Connection.open_stream(st.conn, :unidirectional, timeout: @send_timeout)
+      {:ok, out} =
+        Connection.open_stream(st.conn, :unidirectional, timeout: @send_timeout, active: false)
+
       :ok = Stream.send(out, st.acc, fin: true, timeout: @send_timeout)
       {:close, st}
     end
@@ -177,10 +178,8 @@ defmodule Quichex.InteropMatrixTest do
 
     def handle_fin(stream, st) do
       # A stream shorter than a command is echoed as it is.
-      held = if is_binary(st.head), do: st.head, else: st.held || ""
-
-      :ok = Stream.send(stream, held, fin: true, timeout: @send_timeout)
-
+      if is_binary(st.head), do: :ok = Stream.send(stream, st.head, timeout: @send_timeout)
+      :ok = Stream.close(stream, timeout: @send_timeout)
       {:close, st}
     end
 
@@ -197,8 +196,8 @@ defmodule Quichex.InteropMatrixTest do
     end
 
     defp echo(data, stream, st) do
-      if st.held, do: :ok = Stream.send(stream, st.held, timeout: @send_timeout)
-      {:continue, %{st | held: data}}
+      :ok = Stream.send(stream, data, timeout: @send_timeout)
+      {:continue, st}
     end
 
     # The peers' rule: a command line is at most 32 bytes.
@@ -331,7 +330,7 @@ defmodule Quichex.InteropMatrixTest do
     payloads = [random_bytes(100_000), random_bytes(50_000)]
 
     for payload <- payloads do
-      {:ok, uni} = Connection.open_stream(conn, :unidirectional)
+      {:ok, uni} = Connection.open_stream(conn, :unidirectional, active: false)
       :ok = Quichex.Stream.send(uni, payload, fin: true, timeout: 10_000)
     end
 
@@ -403,12 +402,12 @@ defmodule Quichex.InteropMatrixTest do
     conn = connect_to!(port)
 
     # Theirs: the server resets a stream that starts with "RESET 77\n".
-    {:ok, asked} = Connection.open_stream(conn, :bidirectional)
+    {:ok, asked} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Quichex.Stream.send(asked, "RESET 77\n")
     assert {:error, {:reset, 77}} = Quichex.Stream.recv(asked, timeout: 5_000)
 
     # Ours: reset our sending side of an echo stream.
-    {:ok, stream} = Connection.open_stream(conn, :bidirectional)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     {:ok, %{id: id}} = Quichex.Stream.info(stream)
     :ok = Quichex.Stream.send(stream, "hello")
     assert {:ok, "hello", false} = Quichex.Stream.recv(stream, length: 5, timeout: 5_000)
@@ -428,6 +427,39 @@ defmodule Quichex.InteropMatrixTest do
     assert_receive {:matrix_shutdown, _id, :write, 77}, 2_000
   end
 
+  # --- shutdown(:both), and :read then :write back to back: the peer sees
+  # both our RESET_STREAM and our STOP_SENDING.
+
+  defp run(:shutdown_both, peer, :client, _context) do
+    {server, port} = echo_server!(peer)
+    conn = connect_to!(port)
+
+    for {how, read_code, write_code} <- [{:both, 81, 81}, {:back_to_back, 82, 83}] do
+      {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
+      {:ok, %{id: id}} = Quichex.Stream.info(stream)
+      :ok = Quichex.Stream.send(stream, "hello")
+      assert {:ok, "hello", false} = Quichex.Stream.recv(stream, length: 5, timeout: 5_000)
+
+      case how do
+        :both ->
+          :ok = Quichex.Stream.shutdown(stream, :both, error_code: read_code)
+
+        :back_to_back ->
+          :ok = Quichex.Stream.shutdown(stream, :read, error_code: read_code)
+          :ok = Quichex.Stream.shutdown(stream, :write, error_code: write_code)
+      end
+
+      # Both frames, in whichever order the peer reports them.
+      reset = "STREAM_RESET #{id} #{write_code}"
+      stop = "STOP_SENDING #{id} #{read_code}"
+      [first | _] = Interop.await_line(server, ~r/^(#{reset}|#{stop})$/)
+      other = if first == reset, do: stop, else: reset
+      Interop.await_line(server, ~r/^#{other}$/)
+    end
+
+    :ok = Connection.close(conn, error_code: 0, reason: "done")
+  end
+
   # --- stop_sending: their STOP_SENDING code reaches us, ours reaches them.
 
   defp run(:stop, peer, :client, _context) do
@@ -435,13 +467,13 @@ defmodule Quichex.InteropMatrixTest do
     conn = connect_to!(port)
 
     # Theirs: the server stops a stream that starts with "STOP 78\n".
-    {:ok, asked} = Connection.open_stream(conn, :bidirectional)
+    {:ok, asked} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Quichex.Stream.send(asked, "STOP 78\n")
     assert_receive {:quic_stream_stopped, ^conn, ^asked, 78}, 5_000
     assert {:error, {:stopped, 78}} = Quichex.Stream.send(asked, "more")
 
     # Ours: stop their sending side of an echo stream.
-    {:ok, stream} = Connection.open_stream(conn, :bidirectional)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     {:ok, %{id: id}} = Quichex.Stream.info(stream)
     :ok = Quichex.Stream.send(stream, "hello")
     assert {:ok, "hello", false} = Quichex.Stream.recv(stream, length: 5, timeout: 5_000)
@@ -614,7 +646,8 @@ defmodule Quichex.InteropMatrixTest do
         port: port,
         server_name: "localhost",
         local_address: {127, 0, 0, 1},
-        config: client_config(config_opts)
+        config: client_config(config_opts),
+        stream_opts: [active: false]
       )
 
     case Connection.wait_connected(conn, timeout: 5_000) do
@@ -648,7 +681,8 @@ defmodule Quichex.InteropMatrixTest do
   defp echo_result(conn, payload, timeout) do
     deadline = now() + timeout
 
-    with {:ok, stream} <- Connection.open_stream(conn, :bidirectional, timeout: timeout) do
+    with {:ok, stream} <-
+           Connection.open_stream(conn, :bidirectional, timeout: timeout, active: false) do
       sender =
         Task.async(fn -> Quichex.Stream.send(stream, payload, fin: true, timeout: timeout) end)
 

@@ -1,22 +1,31 @@
 defmodule Quichex.ApplicationError do
   @moduledoc """
-  An error code set by the peer's application.
+  An error code set by the peer's application: the peer closed the
+  connection with an application CONNECTION_CLOSE. It is the `reason` of
+  `{:quic_connection_closed, conn, code, reason}` (and of
+  `{:quic_connection_error, ...}` when that happens during the handshake).
 
-  `reason` says where the code came from:
+  `reason` is always `:connection_close`; `code` is the peer's application
+  error code and `phrase` its reason phrase.
 
-    * `:connection_close` - the peer closed the connection with an application
-      CONNECTION_CLOSE; `phrase` holds its reason phrase
-    * `:stream_reset` - the peer reset a stream it was sending (RESET_STREAM)
-    * `:stop_sending` - the peer asked us to stop sending on a stream (STOP_SENDING)
+  A peer's stream-level codes are not wrapped in this struct: RESET_STREAM
+  arrives as `{:quic_stream_reset, conn, stream, code}` or
+  `{:error, {:reset, code}}`, STOP_SENDING as
+  `{:quic_stream_stopped, conn, stream, code}` or
+  `{:error, {:stopped, code}}` (see `Quichex.Stream`).
   """
 
-  defexception [:code, :reason, phrase: ""]
+  defexception [:code, reason: :connection_close, phrase: ""]
 
   @type t :: %__MODULE__{
           code: non_neg_integer(),
-          reason: :connection_close | :stream_reset | :stop_sending,
+          reason: :connection_close,
           phrase: binary()
         }
+
+  @doc false
+  # The one constructor the library uses.
+  def new(code, phrase), do: %__MODULE__{code: code, reason: :connection_close, phrase: phrase}
 
   @impl true
   def message(%__MODULE__{code: code, reason: reason, phrase: phrase}) do

@@ -7,27 +7,27 @@ defmodule Quichex.Config do
         "ALPN protocols, in order of preference: a non-empty list of 1..255 byte binaries. Required."
     ],
     max_idle_timeout: [
-      type: {:integer, 0, 4_611_686_018_427_387_903},
+      type: :varint,
       default: 30_000,
       doc: "Idle timeout in milliseconds (0 disables it)."
     ],
     initial_max_data: [
-      type: {:integer, 0, 4_611_686_018_427_387_903},
+      type: :varint,
       default: 10_000_000,
       doc: "Connection-level flow-control window, in bytes."
     ],
     initial_max_stream_data_bidi_local: [
-      type: {:integer, 0, 4_611_686_018_427_387_903},
+      type: :varint,
       default: 1_000_000,
       doc: "Flow-control window for bidirectional streams we open, in bytes."
     ],
     initial_max_stream_data_bidi_remote: [
-      type: {:integer, 0, 4_611_686_018_427_387_903},
+      type: :varint,
       default: 1_000_000,
       doc: "Flow-control window for bidirectional streams the peer opens, in bytes."
     ],
     initial_max_stream_data_uni: [
-      type: {:integer, 0, 4_611_686_018_427_387_903},
+      type: :varint,
       default: 1_000_000,
       doc: "Flow-control window for unidirectional streams the peer opens, in bytes."
     ],
@@ -67,7 +67,7 @@ defmodule Quichex.Config do
       doc: "Tell the peer not to migrate (quiche default false)."
     ],
     active_connection_id_limit: [
-      type: {:integer, 2, 4_611_686_018_427_387_903},
+      type: {:integer, 2, Quichex.Config.Schema.max_varint()},
       default: nil,
       doc: "How many connection IDs we accept from the peer (quiche default 2)."
     ],
@@ -137,12 +137,12 @@ defmodule Quichex.Config do
       doc: "Path MTU discovery (quiche default false)."
     ],
     max_connection_window: [
-      type: {:integer, 1, 4_611_686_018_427_387_903},
+      type: {:integer, 1, Quichex.Config.Schema.max_varint()},
       default: nil,
       doc: "Largest connection flow-control window auto-tuning may reach, in bytes."
     ],
     max_stream_window: [
-      type: {:integer, 1, 4_611_686_018_427_387_903},
+      type: {:integer, 1, Quichex.Config.Schema.max_varint()},
       default: nil,
       doc: "Largest stream flow-control window auto-tuning may reach, in bytes."
     ],
@@ -302,7 +302,7 @@ defmodule Quichex.Config do
             {:ok, native}
 
           {:error, reason} ->
-            {:error, Quichex.TransportError.exception(reason: reason)}
+            {:error, Quichex.TransportError.new(reason)}
         end
     end
   end

@@ -12,23 +12,30 @@ defmodule Quichex.Handler do
 
   For every connection the listener accepts:
 
-  1. A **connection process** starts under the listener, with
-     `handler_options` as its state. It is the connection's controlling
-     process.
-  2. When the handshake completes, `c:handle_connection/2` runs in it.
-  3. Each stream the peer opens gets its own **stream process**, also
-     supervised by the listener, with `handler_options` as its initial state:
-     `c:handle_stream_open/2` first, then `c:handle_data/3` for each chunk,
-     `c:handle_fin/2` when the peer finishes the stream,
-     `c:handle_reset/3` / `c:handle_stopped/3` when the peer aborts a
-     direction, and `c:handle_info/3` for any other message. Data is read
-     one chunk at a time (`active: :once`), so a slow handler slows the peer
+  1. When the handshake completes, a **connection handler process** starts,
+     linked to the connection, with `handler_options` as its state, and
+     `c:handle_connection/2` runs in it. It is the connection's controlling
+     process. (A connection whose handshake never completes costs no
+     handler process.)
+  2. Each stream the peer opens is served in **the stream's own process**
+     (one process per stream), with `handler_options` as its initial
+     state: `c:handle_stream_open/2` first, then `c:handle_data/3` for each
+     chunk, then `c:handle_fin/2` when the peer finishes the stream or
+     `c:handle_reset/3` when the peer resets it. `c:handle_stopped/3` runs
+     when the peer asks us to stop sending (at any point; receiving goes
+     on), `c:handle_info/3` for any other message. A chunk is read only
+     after the previous callback returned, so a slow handler slows the peer
      through flow control.
-  4. When the connection closes, `c:handle_close/3` runs in the connection
-     process, which then exits; stream processes end with their streams.
+  3. When the connection closes, `c:handle_close/3` runs in the connection
+     handler process, which then exits; stream processes end with their
+     streams or their connection.
 
-  Streams you open yourself (`Quichex.Connection.open_stream/3`, e.g. from
-  `c:handle_connection/2`) belong to the process that opened them.
+  Inside a stream callback, `stream` is the calling process itself:
+  `Quichex.Stream.send/3`, `close/1`, `shutdown/3` and `info/1` on it work
+  as anywhere else (`recv/2` returns `{:error, :active}`: data comes as
+  callbacks). Streams you open yourself (`Quichex.Connection.open_stream/3`,
+  e.g. from `c:handle_connection/2`) belong to the process that opened them,
+  and their messages arrive as `c:handle_info/2` there.
 
   ## Return values
 
@@ -42,15 +49,20 @@ defmodule Quichex.Handler do
       side if it is still open, STOP_SENDING (code 0) on the receiving side if
       the peer has not finished, then the process exits. For a connection:
       CONNECTION_CLOSE with code 0.
-    * `{:error, reason, state}` - abort. For a stream: RESET_STREAM and
-      STOP_SENDING with code `#{0x0102}` (`error_code/0`). For a
-      connection: CONNECTION_CLOSE with application code `#{0x0102}`.
+    * `{:error, reason, state}` - abort. For a stream: RESET_STREAM (unless
+      our FIN was already accepted) and STOP_SENDING with code `#{0x0102}`
+      (`error_code/0`). For a connection: CONNECTION_CLOSE with application
+      code `#{0x0102}`.
 
-  A handler that raises takes down only its own process: a stream handler's
-  crash resets its stream with the owner-down code
-  (`Quichex.Stream.owner_down_error_code/0`, `#{0x0101}`); a connection
-  handler's crash closes its connection (application code 0). The listener
-  and other connections are not affected.
+  A stream ends by itself once both directions are done (the peer's FIN or
+  reset was handled and our FIN was sent, or our sending side was stopped
+  or reset): its process exits after the callback that finished it.
+
+  A handler that raises takes down only its own stream or connection: a
+  stream callback that raises aborts its stream with the owner-down code
+  (`Quichex.Stream.owner_down_error_code/0`, `#{0x0101}`) and logs the
+  error; a connection handler's crash closes its connection (application
+  code 0). The listener and other connections are not affected.
 
   ## Example: echo
 
@@ -150,7 +162,12 @@ defmodule Quichex.Handler do
   @doc "The peer reset its side of `stream` (RESET_STREAM) with `error_code`."
   @callback handle_reset(error_code :: non_neg_integer(), stream(), state :: term()) :: result()
 
-  @doc "The peer asked us to stop sending on `stream` (STOP_SENDING) with `error_code`."
+  @doc """
+  The peer asked us to stop sending on `stream` (STOP_SENDING) with
+  `error_code`; later sends return `{:error, {:stopped, code}}`. Receiving
+  goes on: the default keeps the stream (`{:continue, state}`), so data that
+  already arrived still reaches `c:handle_data/3` and `c:handle_fin/2`.
+  """
   @callback handle_stopped(error_code :: non_neg_integer(), stream(), state :: term()) :: result()
 
   @doc "Any other message to a stream process."
@@ -202,7 +219,7 @@ defmodule Quichex.Handler do
       def handle_reset(_error_code, _stream, state), do: {:close, state}
 
       @impl Quichex.Handler
-      def handle_stopped(_error_code, _stream, state), do: {:close, state}
+      def handle_stopped(_error_code, _stream, state), do: {:continue, state}
 
       @impl Quichex.Handler
       def handle_info(_msg, _stream, state), do: {:continue, state}

@@ -45,9 +45,10 @@ defmodule Quichex.Listener do
       doc: "Milliseconds a connection has to finish its handshake."
     ],
     stream_opts: [
-      type: :any,
+      type: :keyword,
       default: [],
-      doc: "Options for streams peers open, without a handler (e.g. `[active: true]`)."
+      doc:
+        "Options for streams peers open, without a handler: `[active: true | false | :once | n]` (default `true`)."
     ],
     owner: [
       type: :pid,
@@ -65,8 +66,7 @@ defmodule Quichex.Listener do
   ├── Quichex.Listener.Socket       reads the socket, routes datagrams by
   │                                 destination connection ID through ETS,
   │                                 answers Version Negotiation and Retry
-  ├── DynamicSupervisor             one Quichex.Connection per client
-  └── DynamicSupervisor             handler processes (with `:handler`)
+  └── DynamicSupervisor             one Quichex.Connection per client
   ```
 
   Connections send on the listener's socket directly; the socket process
@@ -162,6 +162,9 @@ defmodule Quichex.Listener do
       end
     end
 
+    opts =
+      Map.put(opts, :stream_active, Quichex.Connection.stream_active!(opts.stream_opts, true))
+
     with {:ok, native} <- Quichex.Config.build(config, :server) do
       case Supervisor.start_link(__MODULE__, Map.put(opts, :native_config, native)) do
         {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
@@ -227,11 +230,6 @@ defmodule Quichex.Listener do
         start:
           {DynamicSupervisor, :start_link,
            [[strategy: :one_for_one, max_children: opts.max_connections]]},
-        type: :supervisor
-      },
-      %{
-        id: :handlers,
-        start: {DynamicSupervisor, :start_link, [[strategy: :one_for_one]]},
         type: :supervisor
       }
     ]

@@ -31,23 +31,19 @@ defmodule Quichex.Native do
   def quiche_version, do: err()
 
   # connection
-  def connection_connect(_config, _server_name, _scid, _local, _peer), do: err()
-  def connection_accept(_config, _scid, _odcid, _local, _peer), do: err()
-  def connection_recv(_conn, _packets), do: err()
-  def connection_send(_conn, _max_packets), do: err()
-  def connection_on_timeout(_conn), do: err()
-  def connection_poll(_conn), do: err()
+  def connection_connect(_config, _server_name, _scid, _local, _peer, _window), do: err()
+  def connection_accept(_config, _scid, _odcid, _local, _peer, _window), do: err()
   def connection_close(_conn, _app?, _code, _reason), do: err()
   def connection_stats(_conn), do: err()
   def connection_info(_conn), do: err()
 
+  # driver
+  def connection_poll(_conn, _packets, _timer?, _credits, _commands), do: err()
+  def connection_flush(_conn, _writes, _max_packets), do: err()
+
   # streams
-  def connection_stream_send(_conn, _writes), do: err()
-  def connection_stream_recv(_conn, _reads), do: err()
-  def connection_stream_open(_conn, _id), do: err()
-  def connection_stream_shutdown(_conn, _id, _direction, _code), do: err()
-  def connection_stream_status(_conn, _id), do: err()
-  def connection_stopped_streams(_conn, _ids), do: err()
+  def connection_stream_open(_conn, _id, _urgency, _incremental?), do: err()
+  def connection_stream_priority(_conn, _id, _urgency, _incremental?), do: err()
 
   # packets
   def packet_header(_data, _dcid_len), do: err()

@@ -1,14 +1,16 @@
 defmodule Quichex.TransportError do
   @moduledoc """
-  An error below the application: the socket, TLS or the QUIC transport.
+  An error below the application: name resolution, the socket, TLS or the
+  QUIC transport. Returned by `Quichex.Connection.connect/1`,
+  `Quichex.Listener.start_link/1` and `Quichex.Config.check/2`, and the
+  `reason` of `{:quic_connection_error, conn, reason}` and
+  `{:quic_connection_closed, conn, code, reason}`.
 
   `reason` is one of:
 
-    * `:closed` - the connection is gone (closed, or closed while the call waited)
-    * `:timeout` - the operation did not finish within its timeout
     * `:handshake_timeout` - the handshake did not finish within `:handshake_timeout`
     * `:idle_timeout` - the connection was idle longer than `max_idle_timeout`
-    * `:stream_limit` - the peer gave no stream credit within the timeout
+    * `:closed` - quiche closed the connection without an error code
     * `{:resolve, posix}` - the host name could not be resolved (e.g. `:nxdomain`)
     * `{:socket, posix}` - a socket call failed (e.g. `:eaddrinuse`)
     * `{:tls_file, option, path}` - a certificate, key or CA file could not be
@@ -17,23 +19,27 @@ defmodule Quichex.TransportError do
     * `{:transport, code, reason_phrase}` - a CONNECTION_CLOSE with a transport
       error code, sent by the peer or by us; codes `0x100..0x1ff` are TLS
       alerts (`0x178` no application protocol, `0x12a` bad certificate, ...)
-    * a quiche error atom, such as `:tls_fail`, `:crypto_fail`,
-      `:invalid_packet`, `:flow_control`, `:final_size`, `:invalid_state`,
-      `:done`, or a tagged one such as `{:invalid_stream_state, id}`
+    * a quiche error atom when quiche refuses to create a connection or a
+      stream, such as `:tls_fail` or `{:invalid_stream_state, id}`
+
+  Calls that merely time out or find the connection gone return the plain
+  atoms `{:error, :timeout}` and `{:error, :closed}`, not this struct.
   """
 
   defexception [:reason]
 
   @type t :: %__MODULE__{reason: term()}
 
+  @doc false
+  # The one constructor the library uses.
+  def new(reason), do: %__MODULE__{reason: reason}
+
   @impl true
   def message(%__MODULE__{reason: reason}), do: format(reason)
 
   defp format(:closed), do: "connection closed"
-  defp format(:timeout), do: "timed out"
   defp format(:handshake_timeout), do: "handshake timed out"
   defp format(:idle_timeout), do: "idle timeout"
-  defp format(:stream_limit), do: "the peer allows no more streams"
   defp format({:resolve, posix}), do: "cannot resolve host: #{:inet.format_error(posix)}"
   defp format({:socket, posix}), do: "socket error: #{inspect(posix)}"
 

@@ -107,7 +107,7 @@ defmodule Quichex.HandlerTest do
     |> Task.async_stream(
       fn i ->
         payload = :crypto.strong_rand_bytes(i * 50_000)
-        {:ok, stream} = Connection.open_stream(conn)
+        {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
         reader = Task.async(fn -> read_all(stream) end)
         :ok = Stream.send(stream, payload, fin: true, timeout: 10_000)
         result = Task.await(reader, 10_000)
@@ -123,10 +123,12 @@ defmodule Quichex.HandlerTest do
     {_listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
     assert_receive {:handle_connection, _server_conn, conn_handler}
-    {:ok, stream} = Connection.open_stream(conn)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream, "hello ")
-    assert_receive {:handle_stream_open, _peer, stream_handler}
+    assert_receive {:handle_stream_open, peer_stream, stream_handler}
     assert conn_handler != stream_handler
+    # One process per stream: the handler runs in the stream's own process.
+    assert stream_handler == peer_stream
     assert_receive {:handle_data, "hello "}
     :ok = Stream.send(stream, "world", fin: true)
     assert_receive {:handle_fin, "hello world"}
@@ -144,13 +146,13 @@ defmodule Quichex.HandlerTest do
   test "handle_reset and handle_stopped get the peer's codes" do
     {_listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
-    {:ok, stream} = Connection.open_stream(conn)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream, "x")
     assert_receive {:handle_data, "x"}
     :ok = Stream.shutdown(stream, :write, error_code: 11)
     assert_receive {:handle_reset, 11}
 
-    {:ok, stream2} = Connection.open_stream(conn)
+    {:ok, stream2} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream2, "y")
     assert_receive {:handle_data, "y"}
     :ok = Stream.shutdown(stream2, :read, error_code: 12)
@@ -160,7 +162,7 @@ defmodule Quichex.HandlerTest do
   test "{:continue, state, timeout} calls handle_timeout" do
     {_listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
-    {:ok, stream} = Connection.open_stream(conn)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream, "slow")
     assert_receive :handle_timeout, 2_000
   end
@@ -168,7 +170,7 @@ defmodule Quichex.HandlerTest do
   test "{:error, reason, state} resets the stream with the documented code" do
     {_listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
-    {:ok, stream} = Connection.open_stream(conn)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream, "error")
     code = Handler.error_code()
     assert {:error, {:reset, ^code}} = Stream.recv(stream, timeout: 2_000)
@@ -177,11 +179,11 @@ defmodule Quichex.HandlerTest do
   test "a stream handler that raises resets only its stream" do
     {listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
-    {:ok, good} = Connection.open_stream(conn)
+    {:ok, good} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(good, "fine")
     assert_receive {:handle_data, "fine"}
 
-    {:ok, bad} = Connection.open_stream(conn)
+    {:ok, bad} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(bad, "crash")
     code = Stream.owner_down_error_code()
     assert {:error, {:reset, ^code}} = Stream.recv(bad, timeout: 2_000)
@@ -210,12 +212,11 @@ defmodule Quichex.HandlerTest do
     {listener, port} = handler_listener(Reporter, %{test: self()})
     conn = connect!(port)
     assert_receive {:handle_connection, _, conn_handler}
-    {:ok, stream} = Connection.open_stream(conn)
+    {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Stream.send(stream, "a")
     assert_receive {:handle_stream_open, _peer, stream_handler}
     :ok = Connection.close(conn)
     eventually(fn -> not Process.alive?(conn_handler) and not Process.alive?(stream_handler) end)
-    %{handlers: sup} = Listener.children(listener)
-    eventually(fn -> DynamicSupervisor.count_children(sup).active == 0 end)
+    eventually(fn -> match?({:ok, %{connections: 0}}, Listener.stats(listener)) end)
   end
 end

@@ -11,28 +11,22 @@ defmodule Quichex.InteropAioquicTest do
   @moduletag :interop
 
   defmodule Echo do
-    # Bidi: echo on the same stream, FIN on FIN. Uni: collect until FIN, then
-    # send it all back on a new unidirectional stream of ours.
-    #
-    # The bidi echo holds back its latest chunk and sends it with the FIN, so
-    # the FIN never goes out on its own. With quiche 0.30 an empty FIN can be
-    # lost for good (cloudflare/quiche#2525): when the packet carrying it is
-    # lost while the data before it is acked, the stream counts as complete,
-    # is collected, and the FIN is never retransmitted. Loopback drops
-    # packets under this test's 2 MB burst, and with `Quichex.Stream.close/1`
-    # after each echo about one run in 300 stalls on a missing FIN.
+    # Bidi: echo each chunk on the same stream as it arrives, and FIN (an
+    # empty one, written on its own by close/1) on the peer's FIN. Uni:
+    # collect until FIN, then send it all back on a new unidirectional
+    # stream of ours.
     use Quichex.Handler
 
     @impl Quichex.Handler
     def handle_stream_open(stream, _opts) do
       {:ok, %{direction: dir, connection: conn}} = Quichex.Stream.info(stream)
-      {:continue, %{direction: dir, conn: conn, held: [], acc: []}}
+      {:continue, %{direction: dir, conn: conn, acc: []}}
     end
 
     @impl Quichex.Handler
     def handle_data(data, stream, %{direction: :bidirectional} = state) do
-      if state.held != [], do: :ok = Quichex.Stream.send(stream, state.held, timeout: 10_000)
-      {:continue, %{state | held: data}}
+      :ok = Quichex.Stream.send(stream, data, timeout: 10_000)
+      {:continue, state}
     end
 
     def handle_data(data, _stream, %{direction: :unidirectional} = state) do
@@ -41,12 +35,12 @@ defmodule Quichex.InteropAioquicTest do
 
     @impl Quichex.Handler
     def handle_fin(stream, %{direction: :bidirectional} = state) do
-      :ok = Quichex.Stream.send(stream, state.held, fin: true, timeout: 10_000)
+      :ok = Quichex.Stream.close(stream, timeout: 10_000)
       {:close, state}
     end
 
     def handle_fin(_stream, %{direction: :unidirectional} = state) do
-      {:ok, out} = Connection.open_stream(state.conn, :unidirectional)
+      {:ok, out} = Connection.open_stream(state.conn, :unidirectional, active: false)
       :ok = Quichex.Stream.send(out, state.acc, fin: true, timeout: 10_000)
       {:close, state}
     end
@@ -59,7 +53,7 @@ defmodule Quichex.InteropAioquicTest do
   describe "Quichex client -> aioquic server" do
     test "handshake, bidi and uni echo, application close", %{python: python} do
       {server, port} = start_server!(python, ["--alpn", alpn()])
-      conn = connect!(port)
+      conn = connect!(port, stream_opts: [active: false])
       assert_receive {:quic_connected, ^conn}, 1_000
       await_line(server, ~r/^CONNECTED quichex-test$/)
 
@@ -68,7 +62,7 @@ defmodule Quichex.InteropAioquicTest do
 
       # Bidirectional: 1 MB sent from a task while this process reads the echo.
       payload = random_bytes(1_000_000)
-      {:ok, bidi} = Connection.open_stream(conn, :bidirectional)
+      {:ok, bidi} = Connection.open_stream(conn, :bidirectional, active: false)
 
       sender =
         Task.async(fn -> Quichex.Stream.send(bidi, payload, fin: true, timeout: 10_000) end)
@@ -78,7 +72,7 @@ defmodule Quichex.InteropAioquicTest do
 
       # Unidirectional: the echo comes back on a stream the server opens.
       uni_payload = random_bytes(100_000)
-      {:ok, uni} = Connection.open_stream(conn, :unidirectional)
+      {:ok, uni} = Connection.open_stream(conn, :unidirectional, active: false)
       assert :ok = Quichex.Stream.send(uni, uni_payload, fin: true, timeout: 5_000)
 
       assert_receive {:quic_stream_opened, ^conn, echo, :unidirectional}, 5_000
@@ -97,12 +91,12 @@ defmodule Quichex.InteropAioquicTest do
 
     test "handshake through a Retry", %{python: python} do
       {server, port} = start_server!(python, ["--alpn", alpn(), "--retry"])
-      conn = connect!(port)
+      conn = connect!(port, stream_opts: [active: false])
       await_line(server, ~r/^CONNECTED quichex-test$/)
       assert {:ok, %{alpn: "quichex-test", retry: true}} = Connection.info(conn)
 
       # The connection works after the Retry.
-      {:ok, stream} = Connection.open_stream(conn, :bidirectional)
+      {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
       :ok = Quichex.Stream.send(stream, "after retry", fin: true)
       assert recv_all(stream) == "after retry"
 

@@ -213,7 +213,7 @@ defmodule Quichex.ListenerTest do
     assert_receive {:telemetry, [:quichex, :listener, :start],
                     %{listener: ^listener, local_address: {_, port}}}
 
-    assert %{socket: _, connections: _, handlers: _} = Listener.children(listener)
+    assert %{socket: _, connections: _} = Listener.children(listener)
     assert Connection.is_established?(connect!(port))
     Supervisor.stop(sup)
     assert_receive {:telemetry, [:quichex, :listener, :stop], %{listener: ^listener}}

@@ -11,7 +11,7 @@ defmodule Quichex.NativeTest do
 
   test "every NIF stub has a native implementation loaded" do
     assert Quichex.quiche_version() == "0.30.0"
-    assert length(@nifs) >= 20
+    assert length(@nifs) >= 15
   end
 
   defp resources do
@@ -23,7 +23,8 @@ defmodule Quichex.NativeTest do
         "localhost",
         :crypto.strong_rand_bytes(16),
         {{127, 0, 0, 1}, 40_000},
-        {{127, 0, 0, 1}, 9}
+        {{127, 0, 0, 1}, 9},
+        262_144
       )
 
     {config, conn}
@@ -82,7 +83,7 @@ defmodule Quichex.NativeTest do
 
     property =
       forall(
-        :proper_types.tuple([:proper_types.elements(@nifs), :proper_types.vector(5, gen)]),
+        :proper_types.tuple([:proper_types.elements(@nifs), :proper_types.vector(6, gen)]),
         fn {{name, arity}, args} ->
           try do
             result = apply(Native, name, Enum.take(args, arity))
@@ -113,31 +114,36 @@ defmodule Quichex.NativeTest do
     local = {{127, 0, 0, 1}, 1234}
 
     assert {:error, {:badarg, "connection id"}} =
-             Native.connection_connect(config, nil, "", local, local)
+             Native.connection_connect(config, nil, "", local, local, 1)
 
     assert {:error, {:badarg, "connection id"}} =
-             Native.connection_connect(config, nil, :binary.copy("a", 21), local, local)
+             Native.connection_connect(config, nil, :binary.copy("a", 21), local, local, 1)
 
     assert {:error, {:badarg, "ip"}} =
-             Native.connection_connect(config, nil, "abcd", {{1, 2, 3}, 1}, local)
+             Native.connection_connect(config, nil, "abcd", {{1, 2, 3}, 1}, local, 1)
 
     assert {:error, {:badarg, "server_name"}} =
-             Native.connection_connect(config, "", "abcd", local, local)
+             Native.connection_connect(config, "", "abcd", local, local, 1)
 
     assert_raise ArgumentError, fn ->
-      Native.connection_connect(conn, nil, "abcd", local, local)
+      Native.connection_connect(conn, nil, "abcd", local, local, 1)
     end
 
-    assert_raise ArgumentError, fn -> Native.connection_recv(config, []) end
+    assert_raise ArgumentError, fn -> Native.connection_poll(config, [], false, [], []) end
 
     assert {:error, {:badarg, "error_code"}} =
              Native.connection_close(conn, true, 4_611_686_018_427_387_904, "")
 
     assert {:error, {:badarg, "direction"}} =
-             Native.connection_stream_shutdown(conn, 0, :sideways, 0)
+             Native.connection_poll(conn, [], false, [], [{0, :sideways, 0}])
 
     assert {:error, {:badarg, "stream id"}} =
-             Native.connection_stream_open(conn, 4_611_686_018_427_387_904)
+             Native.connection_stream_open(conn, 4_611_686_018_427_387_904, 3, true)
+
+    assert {:error, {:badarg, "urgency"}} = Native.connection_stream_open(conn, 0, 8, true)
+
+    assert {:error, {:badarg, "stream id"}} =
+             Native.connection_flush(conn, [{4_611_686_018_427_387_904, "", true}], 1)
 
     assert {:error, {:invalid_option, :max_ack_delay}} =
              Native.config_build([{:max_ack_delay, 1 <<< 20}])
@@ -147,7 +153,15 @@ defmodule Quichex.NativeTest do
     assert {:error, :buffer_too_short} = Native.packet_header(<<>>, 16)
     assert {:error, {:badarg, "dcid_len"}} = Native.packet_header("x", 21)
     # Garbage datagrams are dropped, not fatal.
-    assert {:ok, _} = Native.connection_recv(conn, [{local, :crypto.strong_rand_bytes(1200), 0}])
+    assert {:ok, %{reads: []}} =
+             Native.connection_poll(
+               conn,
+               [{local, :crypto.strong_rand_bytes(1200), 0}],
+               false,
+               [],
+               []
+             )
+
     assert {:ok, %{is_closed: false}} = Native.connection_info(conn)
   end
 end

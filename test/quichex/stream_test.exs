@@ -6,13 +6,22 @@ defmodule Quichex.StreamTest do
   alias Quichex.{Connection, Listener, Stream}
 
   # A client connection and its server side, both owned by the test process.
+  # Streams are passive here (recv/2-based tests): peer streams by the
+  # listener's and the client's stream_opts, ours by open/2.
   defp pair(opts \\ []) do
-    {listener, port} = start_listener(Keyword.get(opts, :listener, []))
-    client = connect!(port, Keyword.get(opts, :client, []))
+    listener_opts =
+      Keyword.merge([stream_opts: [active: false]], Keyword.get(opts, :listener, []))
+
+    {listener, port} = start_listener(listener_opts)
+    client_opts = Keyword.merge([stream_opts: [active: false]], Keyword.get(opts, :client, []))
+    client = connect!(port, client_opts)
     server = accept!(listener)
     on_exit(fn -> Listener.stop(listener) end)
     {client, server}
   end
+
+  defp open(conn, dir \\ :bidirectional, opts \\ []),
+    do: Connection.open_stream(conn, dir, Keyword.put_new(opts, :active, false))
 
   defp opened!(conn, timeout \\ 5_000) do
     receive do
@@ -66,7 +75,7 @@ defmodule Quichex.StreamTest do
   describe "bidirectional" do
     test "send, FIN and recv in passive mode" do
       {client, server} = pair()
-      {:ok, stream} = Connection.open_stream(client, :bidirectional, active: false)
+      {:ok, stream} = open(client)
 
       assert {:ok, %{id: 0, direction: :bidirectional, initiator: :local, connection: ^client}} =
                Stream.info(stream)
@@ -87,7 +96,7 @@ defmodule Quichex.StreamTest do
 
     test "recv with a length waits for exactly that many bytes" do
       {client, server} = pair()
-      {:ok, stream} = Connection.open_stream(client)
+      {:ok, stream} = open(client)
       :ok = Stream.send(stream, "abc")
       {peer, _} = opened!(server)
       task = Task.async(fn -> Stream.recv(peer, length: 6, timeout: 5_000) end)
@@ -100,7 +109,7 @@ defmodule Quichex.StreamTest do
 
     test "active modes deliver messages; active: n ends with a passive notice" do
       {client, server} = pair()
-      {:ok, stream} = Connection.open_stream(client)
+      {:ok, stream} = open(client)
       :ok = Stream.send(stream, "one")
       {peer, _} = opened!(server)
       :ok = Stream.setopts(peer, active: 2)
@@ -124,7 +133,7 @@ defmodule Quichex.StreamTest do
     test "100 MB on one stream arrives byte-exact" do
       {client, server} = pair()
       payload = :crypto.strong_rand_bytes(100 * 1024 * 1024)
-      {:ok, stream} = Connection.open_stream(client)
+      {:ok, stream} = open(client)
       sender = Task.async(fn -> Stream.send(stream, payload, fin: true, timeout: 60_000) end)
       {peer, _} = opened!(server)
       assert {:ok, received} = read_all(peer)
@@ -159,7 +168,7 @@ defmodule Quichex.StreamTest do
       1..1_000
       |> Task.async_stream(
         fn i ->
-          {:ok, stream} = Connection.open_stream(client, :bidirectional, timeout: 20_000)
+          {:ok, stream} = open(client, :bidirectional, timeout: 20_000)
           :ok = Stream.send(stream, "stream #{i} " <> :binary.copy("x", 1_000), fin: true)
         end,
         max_concurrency: 1_000,
@@ -180,16 +189,15 @@ defmodule Quichex.StreamTest do
 
     test "opening past the peer's stream limit waits for credit, then :stream_limit" do
       {client, server} = pair(listener: [config_opts: [initial_max_streams_bidi: 2]])
-      {:ok, s1} = Connection.open_stream(client)
-      {:ok, _s2} = Connection.open_stream(client)
+      {:ok, s1} = open(client)
+      {:ok, _s2} = open(client)
 
-      assert {:error, :stream_limit} =
-               Connection.open_stream(client, :bidirectional, timeout: 200)
+      assert {:error, :stream_limit} = open(client, :bidirectional, timeout: 200)
 
       # Finishing a stream both ways gives credit back; the waiting open succeeds.
       waiter =
         Task.async(fn ->
-          {:ok, s3} = Connection.open_stream(client, :bidirectional, timeout: 5_000)
+          {:ok, s3} = open(client, :bidirectional, timeout: 5_000)
           Stream.info(s3)
         end)
 
@@ -205,14 +213,14 @@ defmodule Quichex.StreamTest do
   describe "unidirectional" do
     test "both ways" do
       {client, server} = pair()
-      {:ok, up} = Connection.open_stream(client, :unidirectional)
+      {:ok, up} = open(client, :unidirectional)
       assert {:ok, %{id: 2, direction: :unidirectional}} = Stream.info(up)
       :ok = Stream.send(up, "to server", fin: true)
       {peer_up, :unidirectional} = opened!(server)
       assert {:ok, "to server"} = read_all(peer_up)
       assert {:error, :closed} = Stream.send(peer_up, "nope")
 
-      {:ok, down} = Connection.open_stream(server, :unidirectional)
+      {:ok, down} = open(server, :unidirectional)
       assert {:ok, %{id: 3}} = Stream.info(down)
       :ok = Stream.send(down, "to client", fin: true)
       {peer_down, :unidirectional} = opened!(client)
@@ -225,14 +233,14 @@ defmodule Quichex.StreamTest do
   describe "resets and stop_sending" do
     test "the peer's RESET_STREAM code arrives as {:error, {:reset, code}} and as a message" do
       {client, server} = pair()
-      {:ok, stream} = Connection.open_stream(client)
+      {:ok, stream} = open(client)
       :ok = Stream.send(stream, "partial")
       {peer, _} = opened!(server)
       assert {:ok, "partial", false} = Stream.recv(peer)
       :ok = Stream.shutdown(stream, :write, error_code: 42)
       assert {:error, {:reset, 42}} = Stream.recv(peer)
 
-      {:ok, stream2} = Connection.open_stream(client)
+      {:ok, stream2} = open(client)
       :ok = Stream.send(stream2, "x")
       {peer2, _} = opened!(server)
       :ok = Stream.setopts(peer2, active: true)
@@ -259,7 +267,7 @@ defmodule Quichex.StreamTest do
   describe "stop_sending while blocked" do
     test "a send blocked by flow control returns {:stopped, code} promptly, also after the peer's FIN" do
       {client, server} = pair()
-      {:ok, stream} = Connection.open_stream(client)
+      {:ok, stream} = open(client)
       :ok = Stream.send(stream, "GET", fin: true)
       {peer, _} = opened!(server)
       assert {:ok, "GET"} = read_all(peer)
@@ -292,7 +300,7 @@ defmodule Quichex.StreamTest do
 
       owner =
         spawn(fn ->
-          {:ok, stream} = Connection.open_stream(client)
+          {:ok, stream} = open(client)
           :ok = Stream.send(stream, "data")
           send(test, {:stream, stream})
           Process.sleep(:infinity)
@@ -313,8 +321,8 @@ defmodule Quichex.StreamTest do
       {client, server} =
         pair(listener: [config_opts: [initial_max_stream_data_bidi_remote: 10_000]])
 
-      {:ok, sending} = Connection.open_stream(client)
-      {:ok, receiving} = Connection.open_stream(client)
+      {:ok, sending} = open(client)
+      {:ok, receiving} = open(client)
       :ok = Stream.send(receiving, "hi")
       # 1 MB cannot pass a 10 kB window the server never reads: send blocks.
       send_task =
@@ -336,8 +344,8 @@ defmodule Quichex.StreamTest do
       {client, _server} =
         pair(listener: [config_opts: [initial_max_stream_data_bidi_remote: 5_000]])
 
-      {:ok, stream} = Connection.open_stream(client)
-      assert {:error, :timeout} = Stream.send(stream, :binary.copy("z", 100_000), timeout: 200)
+      {:ok, stream} = open(client)
+      assert {:error, :timeout} = Stream.send(stream, :binary.copy("z", 2_000_000), timeout: 200)
       assert Process.alive?(stream)
     end
   end
@@ -374,7 +382,7 @@ defmodule Quichex.StreamTest do
 
         streams =
           for {size, chunks, fin, mode} <- cases do
-            {:ok, stream} = Connection.open_stream(client, :bidirectional, timeout: 20_000)
+            {:ok, stream} = open(client, :bidirectional, timeout: 20_000)
             {:ok, %{id: id}} = Stream.info(stream)
             {id, stream, :crypto.strong_rand_bytes(size), chunks, fin, mode}
           end

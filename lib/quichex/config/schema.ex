@@ -3,6 +3,20 @@ defmodule Quichex.Config.Schema do
   # Validation of option values against schema types, shared by
   # Quichex.Config and the option lists of Connection, Listener and Stream.
 
+  # The largest value a QUIC variable-length integer holds (2^62 - 1): error
+  # codes, stream limits and windows.
+  @max_varint 4_611_686_018_427_387_903
+  # The largest timeout accepted, in milliseconds (about 49.7 days, less the
+  # grace a call adds to a deadline its server enforces): Erlang timers and
+  # `receive ... after` take at most 2^32 - 1.
+  @max_timeout 4_294_000_000
+
+  @doc false
+  def max_varint, do: @max_varint
+
+  @doc false
+  def max_timeout, do: @max_timeout
+
   @doc false
   def validate!(key, type, value) do
     unless valid?(type, value) do
@@ -47,11 +61,13 @@ defmodule Quichex.Config.Schema do
   def valid?({:in, values}, v), do: v in values
   def valid?(:path, v), do: is_binary(v) and v != "" and not String.contains?(v, <<0>>)
   def valid?(:ticket_key, v), do: is_binary(v) and byte_size(v) == 48
-  def valid?(:timeout, v), do: v == :infinity or (is_integer(v) and v >= 0)
+  def valid?(:timeout, v), do: v == :infinity or (is_integer(v) and v >= 0 and v <= @max_timeout)
+  def valid?(:varint, v), do: is_integer(v) and v >= 0 and v <= @max_varint
   def valid?(:pos_integer, v), do: is_integer(v) and v > 0
   def valid?(:non_neg_integer, v), do: is_integer(v) and v >= 0
   def valid?(:pid, v), do: is_pid(v)
   def valid?(:atom, v), do: is_atom(v)
+  def valid?(:keyword, v), do: Keyword.keyword?(v)
   def valid?(:string, v), do: is_binary(v)
   def valid?(:any, _v), do: true
   def valid?({:struct, mod}, v), do: is_struct(v, mod)
@@ -69,11 +85,16 @@ defmodule Quichex.Config.Schema do
   def type_doc(:path), do: "a non-empty path string"
   def type_doc(:ticket_key), do: "a 48-byte binary"
   def type_doc(:alpn_list), do: "a non-empty list of 1..255 byte binaries"
-  def type_doc(:timeout), do: "a non-negative integer (milliseconds) or :infinity"
+
+  def type_doc(:timeout),
+    do: "a non-negative integer of milliseconds up to #{@max_timeout}, or :infinity"
+
+  def type_doc(:varint), do: "an integer in 0..#{@max_varint}"
   def type_doc(:pos_integer), do: "a positive integer"
   def type_doc(:non_neg_integer), do: "a non-negative integer"
   def type_doc(:pid), do: "a pid"
   def type_doc(:atom), do: "an atom"
+  def type_doc(:keyword), do: "a keyword list"
   def type_doc(:string), do: "a string"
   def type_doc(:any), do: "any term"
   def type_doc({:struct, mod}), do: "a %#{inspect(mod)}{}"

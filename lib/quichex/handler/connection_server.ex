@@ -1,36 +1,42 @@
 defmodule Quichex.Handler.ConnectionServer do
   @moduledoc false
-  # Runs a handler's connection callbacks; the connection's controlling process.
+  # Runs a handler's connection callbacks: the connection's controlling
+  # process, started by the connection when its handshake completes and
+  # linked to it. Stream callbacks run in each stream's own process
+  # (Quichex.Stream.HandlerRunner).
 
   use GenServer, restart: :temporary
 
   alias Quichex.{Connection, Handler}
 
-  def start_link({module, options}), do: GenServer.start_link(__MODULE__, {module, options})
-
-  @impl GenServer
-  def init({module, options}) do
-    {:ok, %{module: module, state: options, conn: nil, conn_ref: nil}}
+  @doc false
+  # Started (not linked by start/3: the connection is not our parent, so its
+  # exit reaches handle_info/2) and then linked from init/1.
+  def start_link(module, options, conn) do
+    {:ok, pid} = GenServer.start(__MODULE__, {module, options, conn})
+    pid
   end
 
   @impl GenServer
-  def handle_info({:quichex_attach, conn}, state) do
-    {:noreply, attach(state, conn)}
+  def init({module, options, conn}) do
+    Process.flag(:trap_exit, true)
+    Process.link(conn)
+    {:ok, %{module: module, state: options, conn: conn}}
   end
 
-  def handle_info({:quic_connected, conn}, state) do
-    state = attach(state, conn)
+  @impl GenServer
+  def handle_info({:quic_connected, conn}, %{conn: conn} = state) do
     result(state.module.handle_connection(conn, state.state), state)
   end
 
-  def handle_info({:quic_connection_closed, conn, _code, reason}, state),
-    do: closed(conn, reason, state)
+  def handle_info({:quic_connection_closed, conn, _code, reason}, %{conn: conn} = state),
+    do: closed(reason, state)
 
-  def handle_info({:quic_connection_error, conn, reason}, state), do: closed(conn, reason, state)
+  def handle_info({:quic_connection_error, conn, reason}, %{conn: conn} = state),
+    do: closed(reason, state)
 
-  def handle_info({:DOWN, ref, :process, _pid, reason}, %{conn_ref: ref} = state) do
-    closed(state.conn, {:connection_down, reason}, state)
-  end
+  def handle_info({:EXIT, conn, reason}, %{conn: conn} = state),
+    do: closed({:connection_down, reason}, state)
 
   def handle_info(:timeout, state) do
     result(state.module.handle_timeout(state.conn, state.state), state)
@@ -40,13 +46,8 @@ defmodule Quichex.Handler.ConnectionServer do
     result(state.module.handle_info(msg, state.state), state)
   end
 
-  defp attach(%{conn: nil} = state, conn),
-    do: %{state | conn: conn, conn_ref: Process.monitor(conn)}
-
-  defp attach(state, _conn), do: state
-
-  defp closed(conn, reason, state) do
-    state.module.handle_close(conn, reason, state.state)
+  defp closed(reason, state) do
+    state.module.handle_close(state.conn, reason, state.state)
     {:stop, :normal, state}
   end
 
@@ -55,17 +56,15 @@ defmodule Quichex.Handler.ConnectionServer do
   defp result({:continue, user, timeout}, state), do: {:noreply, %{state | state: user}, timeout}
 
   defp result({:close, user}, state) do
-    if state.conn, do: Connection.close(state.conn, error_code: 0, reason: "")
+    Connection.close(state.conn, error_code: 0, reason: "")
     {:noreply, %{state | state: user}}
   end
 
   defp result({:error, reason, user}, state) do
-    if state.conn do
-      Connection.close(state.conn,
-        error_code: Handler.error_code(),
-        reason: inspect(reason, limit: 5)
-      )
-    end
+    Connection.close(state.conn,
+      error_code: Handler.error_code(),
+      reason: inspect(reason, limit: 5)
+    )
 
     {:noreply, %{state | state: user}}
   end

@@ -12,7 +12,7 @@ defmodule Quichex.Listener.Socket do
   alias Quichex.Connection.UDP
   alias Quichex.{Native, Telemetry}
 
-  @cid_len 16
+  @cid_len Quichex.Connection.CID.len()
   @min_initial 1200
   @quic_v1 1
 
@@ -55,7 +55,7 @@ defmodule Quichex.Listener.Socket do
         {:ok, state, {:continue, :read}}
 
       {:error, reason} ->
-        {:stop, {:shutdown, %Quichex.TransportError{reason: {:socket, reason}}}}
+        {:stop, {:shutdown, Quichex.TransportError.new({:socket, reason})}}
     end
   end
 
@@ -183,7 +183,7 @@ defmodule Quichex.Listener.Socket do
             retry(from, data, version, dcid, scid, token, state)
 
           true ->
-            accept(from, data, :crypto.strong_rand_bytes(@cid_len), nil, [dcid], state)
+            accept(from, data, Quichex.Connection.CID.generate(), nil, [dcid], state)
         end
 
       {:error, _} ->
@@ -206,7 +206,7 @@ defmodule Quichex.Listener.Socket do
   # quiche parses an Initial without a token as an empty token.
   defp retry(from, data, version, dcid, scid, token, state) when token in [nil, ""] do
     if byte_size(data) >= @min_initial do
-      new_scid = :crypto.strong_rand_bytes(@cid_len)
+      new_scid = Quichex.Connection.CID.generate()
       token = mint_token(state, from, dcid)
 
       case Native.packet_retry(scid, dcid, new_scid, token, version) do
@@ -234,58 +234,42 @@ defmodule Quichex.Listener.Socket do
   end
 
   defp accept(from, data, scid, odcid, extra_cids, state) do
-    {owner, handler} = owner_for(state)
+    opts = state.opts
+    cids = [scid | extra_cids]
 
     args = %{
       role: :server,
-      native_config: state.opts.native_config,
+      native_config: opts.native_config,
       socket: state.socket,
       caps: state.caps,
       local: state.local,
       peer: from,
       scid: scid,
       odcid: odcid,
-      owner: owner,
+      # A handler's connection process starts with the handshake and becomes
+      # the owner then; in active mode the listener's owner is.
+      owner: if(opts.handler, do: nil, else: opts.owner),
+      handler: opts.handler && {opts.handler, opts.handler_options},
       active: true,
-      handshake_timeout: state.opts.handshake_timeout,
-      stream_opts: state.opts.stream_opts,
-      listener: {state.opts.listener, listener_mode(state), state.table},
-      cids: [scid | extra_cids],
-      initial_packets: [{from, data, 0}],
-      handler: handler
+      stream_active: opts.stream_active,
+      handshake_timeout: opts.handshake_timeout,
+      listener: %{pid: opts.listener, mode: listener_mode(state), table: state.table},
+      cids: cids,
+      initial_packets: [{from, data, 0}]
     }
 
     with {:ok, sup} <- sibling(state, :connections),
          {:ok, pid} <- DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args)) do
-      cids = [scid | extra_cids]
       Enum.each(cids, &:ets.insert(state.table, {&1, pid}))
-      Quichex.Handler.Runner.attach(handler, pid)
       ref = Process.monitor(pid)
       %{bump(state, :accepted) | conns: Map.put(state.conns, ref, cids)}
     else
-      _ ->
-        Quichex.Handler.Runner.abandon(handler)
-        bump(state, :refused)
+      _ -> bump(state, :refused)
     end
   end
 
   defp listener_mode(%{opts: %{handler: nil}}), do: :active
   defp listener_mode(_state), do: :handler
-
-  defp owner_for(%{opts: %{handler: nil} = opts}), do: {opts.owner, nil}
-
-  defp owner_for(state) do
-    {:ok, sup} = sibling(state, :handlers)
-
-    handler =
-      Quichex.Handler.Runner.start_connection_handler(
-        sup,
-        state.opts.handler,
-        state.opts.handler_options
-      )
-
-    {Quichex.Handler.Runner.owner(handler) || state.opts.owner, handler}
-  end
 
   # The sibling supervisors start after this process (rest_for_one), so they
   # are looked up on first use and remembered; the listener allows no

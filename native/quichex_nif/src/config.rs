@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use rustler::{Atom, Encoder, Env, ResourceArc, Term};
 
 use crate::error::{Error, Result};
-use crate::util::MAX_VARINT;
+use crate::util::{bytes_term, MAX_VARINT};
 
 /// The quiche version this crate is pinned to (checked by a unit test).
 pub const QUICHE_VERSION: &str = "0.30.0";
@@ -315,13 +315,6 @@ fn encode_setting<'a>(env: Env<'a>, s: &Setting) -> Term<'a> {
         Setting::TicketKey(key) => bytes_term(env, key),
     };
     (key, value).encode(env)
-}
-
-/// Copies bytes into a new Erlang binary.
-pub fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
-    let mut bin = rustler::NewBinary::new(env, bytes.len());
-    bin.as_mut_slice().copy_from_slice(bytes);
-    rustler::Binary::from(bin).encode(env)
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 mod atoms;
 mod config;
 mod connection;
+mod driver;
 mod error;
 mod packet;
 mod stream;

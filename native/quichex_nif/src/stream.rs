@@ -1,253 +1,389 @@
-//! Stream operations on a connection resource, batched: the connection
-//! process hands every pending write (or read) of one pass in one call.
+//! The streams the Elixir side has attached a process to, and the stream
+//! operations the driver runs on them.
+//!
+//! Each attached stream has a read-ahead credit: how many bytes the driver
+//! may read out of quiche and hand to the stream process before the process
+//! gives credit back. A stream the peer opens is attached the first time the
+//! driver reports something about it; a stream we open, by
+//! `connection_stream_open`. A stream is detached when its process ends.
 
-use rustler::{Binary, Encoder, Env, ResourceArc, Term};
+use std::collections::HashMap;
+
+use rustler::{Encoder, Env, OwnedBinary, ResourceArc, Term};
 
 use crate::atoms;
-use crate::connection::ConnResource;
+use crate::connection::{ConnInner, ConnResource};
 use crate::error::{encode_quiche_error, Error, Result};
-use crate::util::{unit_result, MAX_VARINT};
+use crate::util::{bytes_term, unit_result, varint};
 
-/// Most bytes one stream hands out per `connection_stream_recv` entry.
-const MAX_RECV_CHUNK: usize = 256 << 10;
-/// Most bytes all entries of one `connection_stream_recv` call hand out.
-const MAX_RECV_TOTAL: usize = 1 << 20;
-/// Most bytes one `connection_stream_send` call copies into quiche.
-const MAX_SEND_TOTAL: usize = 1 << 20;
-/// Most empty FINs written per send pass (see `write_empty_fin`).
-const MAX_EMPTY_FINS_PER_PASS: usize = 16;
+/// Most bytes one stream hands out per read.
+const MAX_READ_CHUNK: usize = 256 << 10;
+/// RFC 9218's default urgency, given to the peer's streams (ours get theirs
+/// at `connection_stream_open`); quiche's own default sends them last.
+const DEFAULT_URGENCY: u8 = 3;
+
+pub struct Slot {
+    /// Bytes the driver may still read for this stream.
+    credit: u64,
+    /// A STOP_SENDING for this stream was reported.
+    stop_reported: bool,
+    /// The stream's FIN or reset was reported: nothing more to read.
+    recv_done: bool,
+}
+
+pub struct StreamTable {
+    slots: HashMap<u64, Slot>,
+    /// Credit a newly attached stream starts with.
+    window: u64,
+    /// quiche's count of STOP_SENDING frames at the last check.
+    stops_seen: u64,
+}
+
+impl StreamTable {
+    pub fn new(window: u64) -> StreamTable {
+        StreamTable {
+            slots: HashMap::new(),
+            window,
+            stops_seen: 0,
+        }
+    }
+
+    fn attach(&mut self, id: u64) -> &mut Slot {
+        let window = self.window;
+        self.slots.entry(id).or_insert(Slot {
+            credit: window,
+            stop_reported: false,
+            recv_done: false,
+        })
+    }
+
+    pub fn add_credit(&mut self, id: u64, bytes: u64) {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.credit = slot.credit.saturating_add(bytes);
+        }
+    }
+
+    pub fn is_attached(&self, id: u64) -> bool {
+        self.slots.contains_key(&id)
+    }
+}
+
+fn is_bidi(id: u64) -> bool {
+    id & 0x2 == 0
+}
+
+fn is_local(id: u64, is_server: bool) -> bool {
+    (id & 0x1 == 1) == is_server
+}
+
+/// Whether we can send on the stream (bidirectional, or our own
+/// unidirectional one).
+fn can_send(id: u64, is_server: bool) -> bool {
+    is_bidi(id) || is_local(id, is_server)
+}
 
 fn check_id(id: u64) -> Result<u64> {
-    if id > MAX_VARINT {
-        return Err(Error::BadArg("stream id"));
-    }
-    Ok(id)
+    varint(id, "stream id")
 }
 
-/// Writes `[{id, data, fin?, force?}]`; returns `[{id, written} |
-/// {id, {:held, written}} | {id, :done} | {id, {:error, reason}}]`.
-///
-/// `{:held, written}`: every byte but the last went in; the caller keeps the
-/// last one and writes it with the next data or with the FIN (see
-/// `hold_last_byte`). `force?` writes as given: no byte held back, and an
-/// empty FIN even when quiche's send capacity is stale (see
-/// `connection::write_empty_fin`).
-/// `written` may be less than the data's size when flow control or the
-/// send buffer is full; `:done` means nothing (not even a FIN) was taken.
+fn check_urgency(urgency: u8) -> Result<u8> {
+    if urgency > 7 {
+        return Err(Error::BadArg("urgency"));
+    }
+    Ok(urgency)
+}
+
+/// Creates a local stream so the peer's stream limit is checked now
+/// (`{:error, :stream_limit}` when there is no credit) and attaches it with
+/// its RFC 9218 priority (`urgency` 0..7, lower first; `incremental`).
 #[rustler::nif]
-fn connection_stream_send<'a>(
-    env: Env<'a>,
+fn connection_stream_open(
+    env: Env,
     conn: ResourceArc<ConnResource>,
-    writes: Vec<(u64, Binary<'a>, bool, bool)>,
-) -> Result<Term<'a>> {
-    let mut guard = conn.lock()?;
-    let mut budget = MAX_SEND_TOTAL;
-    let mut out = Vec::with_capacity(writes.len());
-    for (id, data, fin, force_fin) in writes {
+    id: u64,
+    urgency: u8,
+    incremental: bool,
+) -> Term {
+    let r = (|| {
         let id = check_id(id)?;
-        let bytes = data.as_slice();
-        let len = bytes.len().min(budget);
-        // Only pass FIN when the whole buffer goes in this call.
-        let fin = fin && len == bytes.len();
-        let res = match (len, fin) {
-            (0, false) => Ok(0),
-            // quiche applies an empty FIN and then reports Done when the
-            // connection has send capacity (sent == 0 && cap > 0): the FIN
-            // is taken. Writing it again would queue a second FIN frame.
-            (0, true) => {
-                if guard.fins_this_pass >= MAX_EMPTY_FINS_PER_PASS {
-                    out.push((id, atoms::done()).encode(env));
-                    continue;
-                }
-                let res = crate::connection::write_empty_fin(&mut guard, id, force_fin);
-                if res.is_ok() {
-                    guard.fins_this_pass += 1;
-                }
-                res
-            }
-            _ if !fin && !force_fin && hold_last_byte(&guard, id) => {
-                // See hold_last_byte: all but the last byte go in now.
-                match guard.conn.stream_send(id, &bytes[..len - 1], false) {
-                    Ok(n) if n == len - 1 => {
-                        budget -= n;
-                        out.push((id, (atoms::held(), n)).encode(env));
-                        continue;
-                    }
-                    other => other,
-                }
-            }
-            _ => guard.conn.stream_send(id, &bytes[..len], fin),
-        };
-        let item = match res {
-            Ok(n) => {
-                budget -= n;
-                (id, n).encode(env)
-            }
-            Err(quiche::Error::Done) => (id, atoms::done()).encode(env),
-            Err(e) => (id, (atoms::error(), encode_quiche_error(env, &e))).encode(env),
-        };
-        out.push(item);
-    }
-    Ok(out.encode(env))
-}
-
-/// Whether a write without FIN should keep its last byte back.
-///
-/// quiche 0.30 can lose a FIN written on its own after the stream's data
-/// (cloudflare/quiche#2525) once the stream can be collected, that is once
-/// the peer's side is finished too (a peer FIN read, or a stream we can only
-/// send on). Keeping the last byte lets the FIN that usually follows travel
-/// with data, which quiche always delivers.
-fn hold_last_byte(inner: &crate::connection::ConnInner, id: u64) -> bool {
-    let c = &inner.conn;
-    let local_uni = id & 0x2 != 0 && (id & 0x1 == 1) == c.is_server();
-    local_uni || c.stream_finished(id)
-}
-
-/// Reads `[{id, max_bytes}]`; returns `{results, more?}` where results hold,
-/// for each stream that had something, `{id, data, fin?}` or
-/// `{id, {:error, reason}}` (reset by the peer, ...); streams with nothing to
-/// read are left out. `more?` is true when the call's byte budget ran out
-/// before every stream was served: call again.
-#[rustler::nif]
-fn connection_stream_recv<'a>(
-    env: Env<'a>,
-    conn: ResourceArc<ConnResource>,
-    reads: Vec<(u64, usize)>,
-) -> Result<Term<'a>> {
-    let mut guard = conn.lock()?;
-    let c = &mut guard.conn;
-    let mut budget = MAX_RECV_TOTAL;
-    let mut out = Vec::new();
-    let mut more = false;
-    for (id, max) in reads {
-        let id = check_id(id)?;
-        if budget == 0 {
-            more = true;
-            break;
+        let urgency = check_urgency(urgency)?;
+        let mut guard = conn.lock()?;
+        let inner = &mut *guard;
+        if !is_local(id, inner.conn.is_server()) {
+            return Err(Error::BadArg("stream id"));
         }
-        let want = max.clamp(1, MAX_RECV_CHUNK).min(budget);
-        let mut buf = vec![0u8; want];
-        let mut filled = 0usize;
-        let mut fin = false;
-        let mut error = None;
-        while filled < want {
-            match c.stream_recv(id, &mut buf[filled..]) {
-                Ok((n, f)) => {
-                    filled += n;
-                    if f {
-                        fin = true;
-                        break;
-                    }
-                    if n == 0 {
-                        break;
-                    }
-                }
-                Err(quiche::Error::Done) => break,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        budget -= filled;
-        if let Some(e) = error {
-            if filled == 0 {
-                out.push((id, (atoms::error(), encode_quiche_error(env, &e))).encode(env));
-                continue;
-            }
-        }
-        if filled > 0 || fin {
-            let data = crate::config::bytes_term(env, &buf[..filled]);
-            out.push((id, data, fin).encode(env));
-        }
-    }
-    Ok((out, more).encode(env))
-}
-
-/// Creates a local stream ahead of its first write so the peer's stream
-/// limit is checked now: `{:error, :stream_limit}` when there is no credit.
-#[rustler::nif]
-fn connection_stream_open(env: Env, conn: ResourceArc<ConnResource>, id: u64) -> Term {
-    let r = check_id(id).and_then(|id| {
-        conn.lock()?.conn.stream_priority(id, 127, true)?;
+        inner.conn.stream_priority(id, urgency, incremental)?;
+        inner.streams.attach(id);
         Ok(())
-    });
+    })();
     unit_result(env, r)
 }
 
-/// Shuts a direction down: `:read` sends STOP_SENDING, `:write` RESET_STREAM.
-/// Shutting a side that is already finished is `:ok`.
+/// Changes a stream's RFC 9218 priority.
 #[rustler::nif]
-fn connection_stream_shutdown<'a>(
-    env: Env<'a>,
+fn connection_stream_priority(
+    env: Env,
     conn: ResourceArc<ConnResource>,
     id: u64,
-    direction: rustler::Atom,
-    code: u64,
-) -> Term<'a> {
-    unit_result(env, shutdown(&conn, id, direction, code))
+    urgency: u8,
+    incremental: bool,
+) -> Term {
+    let r = (|| {
+        let id = check_id(id)?;
+        let urgency = check_urgency(urgency)?;
+        conn.lock()?
+            .conn
+            .stream_priority(id, urgency, incremental)?;
+        Ok(())
+    })();
+    unit_result(env, r)
 }
 
-fn shutdown(conn: &ConnResource, id: u64, direction: rustler::Atom, code: u64) -> Result<()> {
-    let id = check_id(id)?;
-    if code > MAX_VARINT {
-        return Err(Error::BadArg("error_code"));
-    }
-    let how = if direction == atoms::read() {
-        quiche::Shutdown::Read
+/// What the Elixir side asks of a stream before a poll.
+pub enum Command {
+    /// STOP_SENDING with a code; nothing more is read.
+    StopReading(u64),
+    /// RESET_STREAM with a code.
+    Reset(u64),
+    /// The stream's process ended: stop reading (with the code, if the peer
+    /// has not finished) and forget the stream.
+    Detach(u64),
+}
+
+pub fn decode_command(direction: rustler::Atom, code: u64) -> Result<Command> {
+    let code = varint(code, "error_code")?;
+    if direction == atoms::read() {
+        Ok(Command::StopReading(code))
     } else if direction == atoms::write() {
-        quiche::Shutdown::Write
+        Ok(Command::Reset(code))
+    } else if direction == atoms::detach() {
+        Ok(Command::Detach(code))
     } else {
-        return Err(Error::BadArg("direction"));
-    };
-    match conn.lock()?.conn.stream_shutdown(id, how, code) {
-        Ok(()) | Err(quiche::Error::Done) | Err(quiche::Error::InvalidStreamState(_)) => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(Error::BadArg("direction"))
     }
 }
 
-/// quiche's view of one stream: `{readable?, finished?, closed?, capacity}`
-/// (`finished?`: the peer's FIN was read; `capacity`: bytes writable now,
-/// or an error reason for a stopped or unknown stream).
-#[rustler::nif]
-fn connection_stream_status<'a>(
-    env: Env<'a>,
-    conn: ResourceArc<ConnResource>,
-    id: u64,
-) -> Result<Term<'a>> {
-    let id = check_id(id)?;
-    let mut guard = conn.lock()?;
-    let c = &mut guard.conn;
-    let capacity = match c.stream_capacity(id) {
-        Ok(n) => n.encode(env),
-        Err(e) => (atoms::error(), encode_quiche_error(env, &e)).encode(env),
+/// Applies a command. Shutting a side that is already finished, or a stream
+/// quiche already collected, is not an error.
+pub fn apply(inner: &mut ConnInner, id: u64, command: Command) {
+    let c = &mut inner.conn;
+    let ignore = |r: quiche::Result<()>| {
+        let _ = r;
     };
-    Ok((
-        c.stream_readable(id),
-        c.stream_finished(id),
-        c.stream_closed(id),
-        capacity,
-    )
-        .encode(env))
+    match command {
+        Command::StopReading(code) => {
+            ignore(c.stream_shutdown(id, quiche::Shutdown::Read, code));
+            if let Some(slot) = inner.streams.slots.get_mut(&id) {
+                slot.credit = 0;
+            }
+        }
+        Command::Reset(code) => ignore(c.stream_shutdown(id, quiche::Shutdown::Write, code)),
+        Command::Detach(code) => {
+            ignore(c.stream_shutdown(id, quiche::Shutdown::Read, code));
+            // A stream the peer stopped is collected by the capacity query
+            // once it is complete.
+            let _ = c.stream_capacity(id);
+            inner.streams.slots.remove(&id);
+        }
+    }
 }
 
-/// Which of `ids` the peer asked us to stop sending on: `[{id, code}]`.
-/// Called when the STOP_SENDING counter of `connection_poll` grows. (quiche
-/// lists stopped streams in `writable()`, but that is empty while the
-/// connection has no send capacity, which is exactly when a writer waits.)
-#[rustler::nif]
-fn connection_stopped_streams(
-    conn: ResourceArc<ConnResource>,
-    ids: Vec<u64>,
-) -> Result<Vec<(u64, u64)>> {
-    let mut guard = conn.lock()?;
-    let c = &mut guard.conn;
+/// STOP_SENDING reported by the peer since the last check: `[{id, code}]`.
+///
+/// quiche only counts them (`stopped_stream_count_remote`); when the count
+/// grew, every attached stream we can send on, and every peer stream that
+/// is about to be attached (`fresh`), is asked. This runs before any stream
+/// is read: reading a reset stream can let quiche collect it, and the stop
+/// would then be lost.
+pub fn take_stops(inner: &mut ConnInner, fresh: &[u64]) -> Vec<(u64, u64)> {
+    let count = inner.conn.stats().stopped_stream_count_remote;
+    if count <= inner.streams.stops_seen {
+        return Vec::new();
+    }
+    inner.streams.stops_seen = count;
+    let is_server = inner.conn.is_server();
+    let mut candidates: Vec<u64> = inner
+        .streams
+        .slots
+        .iter()
+        .filter(|(id, slot)| !slot.stop_reported && can_send(**id, is_server))
+        .map(|(id, _)| *id)
+        .collect();
+    candidates.extend(fresh.iter().copied().filter(|id| can_send(*id, is_server)));
     let mut stopped = Vec::new();
-    for id in ids {
-        if let Err(quiche::Error::StreamStopped(code)) = c.stream_capacity(check_id(id)?) {
+    for id in candidates {
+        if let Err(quiche::Error::StreamStopped(code)) = inner.conn.stream_capacity(id) {
+            if !inner.streams.is_attached(id) {
+                let _ = inner.conn.stream_priority(id, DEFAULT_URGENCY, true);
+            }
+            inner.streams.attach(id).stop_reported = true;
             stopped.push((id, code));
         }
     }
-    Ok(stopped)
+    stopped
+}
+
+/// Readable streams that have no slot yet: new streams the peer opened.
+pub fn fresh_peer_streams(inner: &ConnInner, readable: &[u64]) -> Vec<u64> {
+    let is_server = inner.conn.is_server();
+    readable
+        .iter()
+        .copied()
+        .filter(|id| !is_local(*id, is_server) && !inner.streams.is_attached(*id))
+        .collect()
+}
+
+/// Reads one readable stream within its credit and `budget`; attaches a
+/// new peer stream first. Returns the report term (`{id, data, fin?}`,
+/// `{id, {:reset, code}}` or `{id, {:error, reason}}`) and the bytes read,
+/// or nothing when there was nothing to hand out.
+///
+/// A reset, or a FIN with no data before it, is reported even without
+/// credit, so the end of a stream is never held back behind flow control.
+pub fn read<'a>(
+    env: Env<'a>,
+    inner: &mut ConnInner,
+    id: u64,
+    budget: usize,
+) -> Option<(Term<'a>, usize)> {
+    let is_server = inner.conn.is_server();
+    let slot = match inner.streams.slots.get_mut(&id) {
+        Some(slot) => slot,
+        None if !is_local(id, is_server) => {
+            let _ = inner.conn.stream_priority(id, DEFAULT_URGENCY, true);
+            inner.streams.attach(id)
+        }
+        None => {
+            // A local stream without a process is one whose process ended
+            // before the peer's data came: nobody reads it.
+            let _ = inner.conn.stream_shutdown(id, quiche::Shutdown::Read, 0);
+            return None;
+        }
+    };
+    if slot.recv_done {
+        return None;
+    }
+    let credit = usize::try_from(slot.credit).unwrap_or(usize::MAX);
+    let want = credit.min(MAX_READ_CHUNK).min(budget);
+    let c = &mut inner.conn;
+    let probe = want.max(1);
+    let avail = c.stream_readable_len(id, probe);
+    if want == 0 && avail > 0 {
+        return None;
+    }
+    // When every contiguous byte fits, one more byte of room lets quiche
+    // also take the FIN marker queued behind the data, so the stream stops
+    // being readable (and can be collected) once its end is reported.
+    let room = if avail < probe { avail + 1 } else { avail };
+    let mut bin = OwnedBinary::new(room)?;
+    let mut filled = 0usize;
+    let mut fin = false;
+    let mut failure = None;
+    while filled < room {
+        match c.stream_recv(id, &mut bin.as_mut_slice()[filled..]) {
+            Ok((n, f)) => {
+                filled += n;
+                fin = f;
+                if f || n == 0 {
+                    break;
+                }
+            }
+            Err(quiche::Error::Done) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let slot = inner.streams.attach(id);
+    slot.credit = slot.credit.saturating_sub(filled as u64);
+    if filled == 0 {
+        let report = match failure {
+            Some(quiche::Error::StreamReset(code)) => (id, (atoms::reset(), code)).encode(env),
+            Some(e) => (id, (atoms::error(), encode_quiche_error(env, &e))).encode(env),
+            None if fin => (id, bytes_term(env, &[]), true).encode(env),
+            None => return None,
+        };
+        slot.recv_done = true;
+        return Some((report, 0));
+    }
+    // A reset behind some data is reported by the next read.
+    slot.recv_done = fin;
+    let data = if filled == room || bin.realloc(filled) {
+        bin.release(env).encode(env)
+    } else {
+        bytes_term(env, &bin.as_slice()[..filled])
+    };
+    Some(((id, data, fin).encode(env), filled))
+}
+
+/// Writes `data` (with FIN when `fin` and every byte fits) and returns the
+/// result term: the bytes written, or `{:error, reason}`. `:finished` means
+/// the stream's sending side is already complete or gone (quiche no longer
+/// knows it, or its FIN was already written).
+pub fn write<'a>(
+    env: Env<'a>,
+    inner: &mut ConnInner,
+    id: u64,
+    data: &[u8],
+    fin: bool,
+) -> (Term<'a>, usize) {
+    let c = &mut inner.conn;
+    let finished = || (atoms::error(), atoms::finished());
+    // stream_send answers Done both for "no capacity" and for a stream quiche
+    // already collected; ask first so the second is never taken for the
+    // first.
+    match c.stream_capacity(id) {
+        Err(quiche::Error::StreamStopped(code)) => {
+            return ((atoms::error(), (atoms::stopped(), code)).encode(env), 0)
+        }
+        Err(quiche::Error::InvalidStreamState(_)) => return (finished().encode(env), 0),
+        Err(e) => {
+            return (
+                (atoms::error(), encode_quiche_error(env, &e)).encode(env),
+                0,
+            )
+        }
+        Ok(_) => {}
+    }
+    match c.stream_send(id, data, fin) {
+        Ok(n) => (n.encode(env), n),
+        Err(quiche::Error::Done) => (0usize.encode(env), 0),
+        Err(quiche::Error::StreamStopped(code)) => {
+            ((atoms::error(), (atoms::stopped(), code)).encode(env), 0)
+        }
+        Err(quiche::Error::FinalSize) | Err(quiche::Error::InvalidStreamState(_)) => {
+            (finished().encode(env), 0)
+        }
+        Err(e) => (
+            (atoms::error(), encode_quiche_error(env, &e)).encode(env),
+            0,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_id_kinds() {
+        // Client-initiated bidi 0, server bidi 1, client uni 2, server uni 3.
+        assert!(is_bidi(0) && is_bidi(1) && !is_bidi(2) && !is_bidi(3));
+        assert!(is_local(0, false) && !is_local(0, true));
+        assert!(is_local(3, true) && !is_local(3, false));
+        assert!(can_send(2, false) && !can_send(2, true));
+        assert!(can_send(3, true) && !can_send(3, false));
+    }
+
+    #[test]
+    fn slots_start_with_the_window_and_add_credit() {
+        let mut t = StreamTable::new(100);
+        assert_eq!(t.attach(4).credit, 100);
+        t.add_credit(4, 50);
+        assert_eq!(t.slots[&4].credit, 150);
+        // Credit for an unknown stream is ignored.
+        t.add_credit(8, 50);
+        assert!(!t.is_attached(8));
+    }
 }

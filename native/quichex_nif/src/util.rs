@@ -1,14 +1,19 @@
-//! Conversions between Erlang terms and Rust values shared by every resource.
+//! Conversions between Erlang terms and Rust values shared by every resource:
+//! socket addresses, binaries, connection IDs, results, and the protocol
+//! limits named once here.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use rustler::types::tuple::get_tuple;
-use rustler::{Encoder, Env, Term};
+use rustler::{Binary, Encoder, Env, Term};
 
-use crate::error::Error;
+use crate::error::{Error, Result};
+
+/// Largest value a QUIC variable-length integer can hold (2^62 - 1).
+pub const MAX_VARINT: u64 = (1 << 62) - 1;
 
 /// Decodes `{{a, b, c, d}, port}` or `{{a, b, c, d, e, f, g, h}, port}`.
-pub fn decode_addr(term: Term) -> Result<SocketAddr, Error> {
+pub fn decode_addr(term: Term) -> Result<SocketAddr> {
     let parts = get_tuple(term).map_err(|_| Error::BadArg("address"))?;
     if parts.len() != 2 {
         return Err(Error::BadArg("address"));
@@ -51,16 +56,45 @@ pub fn encode_addr<'a>(env: Env<'a>, addr: &SocketAddr) -> Term<'a> {
     (ip, addr.port()).encode(env)
 }
 
+/// A fresh binary term holding a copy of `bytes`.
+pub fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    let mut bin = rustler::NewBinary::new(env, bytes.len());
+    bin.as_mut_slice().copy_from_slice(bytes);
+    Binary::from(bin).encode(env)
+}
+
+/// A connection ID from a binary of 1..=20 bytes (`quiche::MAX_CONN_ID_LEN`).
+pub fn cid(bytes: &Binary) -> Result<quiche::ConnectionId<'static>> {
+    let b = bytes.as_slice();
+    if b.is_empty() || b.len() > quiche::MAX_CONN_ID_LEN {
+        return Err(Error::BadArg("connection id"));
+    }
+    Ok(quiche::ConnectionId::from_vec(b.to_vec()))
+}
+
+/// Like `cid`, but an empty ID is allowed (a client may choose one).
+pub fn cid_or_empty(bytes: &Binary) -> Result<quiche::ConnectionId<'static>> {
+    if bytes.is_empty() {
+        return Ok(quiche::ConnectionId::from_vec(Vec::new()));
+    }
+    cid(bytes)
+}
+
+/// Checks a value that goes on the wire as a varint (error codes, ids).
+pub fn varint(value: u64, what: &'static str) -> Result<u64> {
+    if value > MAX_VARINT {
+        return Err(Error::BadArg(what));
+    }
+    Ok(value)
+}
+
 /// Encodes `Ok(())` as `:ok` and `Err(e)` as `{:error, e}`.
-pub fn unit_result<'a>(env: Env<'a>, r: crate::error::Result<()>) -> Term<'a> {
+pub fn unit_result<'a>(env: Env<'a>, r: Result<()>) -> Term<'a> {
     match r {
         Ok(()) => crate::atoms::ok().encode(env),
         Err(e) => (crate::atoms::error(), e).encode(env),
     }
 }
-
-/// Largest value a QUIC variable-length integer can hold (2^62 - 1).
-pub const MAX_VARINT: u64 = (1 << 62) - 1;
 
 /// Rounds a duration up to whole milliseconds (timers never fire early).
 pub fn ceil_millis(d: std::time::Duration) -> u64 {
@@ -71,6 +105,11 @@ pub fn ceil_millis(d: std::time::Duration) -> u64 {
         ms + 1
     };
     u64::try_from(rounded).unwrap_or(u64::MAX)
+}
+
+/// A duration in whole microseconds, saturating.
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -84,5 +123,11 @@ mod tests {
         assert_eq!(ceil_millis(Duration::from_micros(1)), 1);
         assert_eq!(ceil_millis(Duration::from_micros(1000)), 1);
         assert_eq!(ceil_millis(Duration::from_micros(1001)), 2);
+    }
+
+    #[test]
+    fn varints_are_bounded() {
+        assert_eq!(varint(MAX_VARINT, "x").ok(), Some(MAX_VARINT));
+        assert!(varint(MAX_VARINT + 1, "x").is_err());
     }
 }

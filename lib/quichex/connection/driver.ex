@@ -1,0 +1,243 @@
+defmodule Quichex.Connection.Driver do
+  @moduledoc false
+  # One driver pass, in the spirit of quinn's ConnectionDriver:
+  #
+  #   poll/3      feed the input (datagrams, the timer, read credit and
+  #               stream commands) to quiche and learn what changed
+  #   dispatch/2  hand stream data, resets and STOP_SENDING to the stream
+  #               processes (starting one for each new peer stream), give
+  #               waiting open_stream/3 calls the peer's new credit
+  #   flush/1     write pending stream data and send every packet quiche has
+  #               in GSO batches; returns quiche's next timer
+  #
+  # `Quichex.Connection.Statem` runs them in that order for every event and
+  # moves between states in between. What stream processes ask of the
+  # connection is in `Quichex.Connection.Requests`.
+
+  alias Quichex.Native
+  alias Quichex.Connection.{Requests, State, Streams, UDP, WriteQueue}
+  alias Quichex.Connection.WriteQueue.Write
+
+  # Packets per connection_flush call (a full GSO batch): well under a
+  # millisecond of NIF work.
+  @send_budget 64
+  # Bytes a stream process may hold that its owner has not taken yet
+  # (the read-ahead credit of each stream).
+  @window 262_144
+
+  def window, do: @window
+
+  ## Input
+
+  @doc """
+  Runs the NIF poll with `packets` (`[{from, data, segment_size}]`), the
+  timer flag, and the credit and commands gathered from stream processes.
+  Returns `{poll, data}`.
+  """
+  def poll(%State{} = data, packets, timer?) do
+    commands = Enum.reverse(data.commands)
+    credits = Map.to_list(data.credits)
+    {:ok, poll} = Native.connection_poll(data.native, packets, timer?, credits, commands)
+    data = %{data | credits: %{}, commands: [], repoll: poll.more}
+    data = if packets != [], do: %{data | writes: WriteQueue.unblock(data.writes)}, else: data
+    # The read budget ran out: poll again once the events queued meanwhile
+    # were handled.
+    data = if poll.more, do: schedule_pass(data), else: data
+    {poll, data}
+  end
+
+  @doc "Whether a poll has input to give (otherwise a pass only flushes)."
+  def poll_needed?(%State{credits: credits, commands: commands, repoll: repoll}),
+    do: repoll or map_size(credits) > 0 or commands != []
+
+  @doc "Makes sure a `:quichex_pass` message is on its way (batches stream messages)."
+  def schedule_pass(%State{pass_pending: true} = data), do: data
+
+  def schedule_pass(%State{} = data) do
+    send(self(), :quichex_pass)
+    %{data | pass_pending: true}
+  end
+
+  ## Dispatch
+
+  @doc "Hands what a poll reported to the stream processes."
+  def dispatch(%State{} = data, poll) do
+    data = %{
+      data
+      | streams:
+          Streams.put_credit(
+            data.streams,
+            poll.peer_streams_left_bidi,
+            poll.peer_streams_left_uni
+          )
+    }
+
+    # STOP_SENDING first: it is about our sending side, and a stream whose
+    # receiving side ends in this pass must still hear of it.
+    data = Enum.reduce(poll.stopped, data, fn {id, code}, acc -> stopped(acc, id, code) end)
+
+    data =
+      Enum.reduce(poll.reads, data, fn
+        {id, {:reset, code}}, acc -> to_stream(acc, id, {:quic_reset, code})
+        {id, {:error, reason}}, acc -> to_stream(acc, id, {:quic_error, reason})
+        {id, bin, fin}, acc -> to_stream(acc, id, {:quic_data, bin, fin})
+      end)
+
+    Requests.retry_waiters(data)
+  end
+
+  # Sends `msg` to the stream's process, starting one for a new peer stream.
+  defp to_stream(data, id, msg) do
+    case Streams.pid(data.streams, id) do
+      nil ->
+        if Streams.local?(data.streams, id) do
+          data
+        else
+          data = Requests.start_peer_stream(data, id)
+          to_stream(data, id, msg)
+        end
+
+      pid ->
+        send(pid, msg)
+        data
+    end
+  end
+
+  defp stopped(data, id, code) do
+    data = to_stream(data, id, {:quic_stopped, code})
+    data = %{data | streams: Streams.set_send(data.streams, id, {:stopped, code})}
+    fail_writes(data, id, {:error, {:stopped, code}})
+  end
+
+  ## Writes
+
+  @doc false
+  def command(data, id, direction, code),
+    do: %{data | commands: [{id, direction, code} | data.commands]}
+
+  @doc "Fails every queued write of stream `id` with `result`."
+  def fail_writes(%State{} = data, id, result) do
+    {writes, queue} = WriteQueue.remove(data.writes, id)
+    Enum.each(writes, &finish_write(data, id, &1, result))
+    %{data | writes: queue}
+  end
+
+  @doc "A write's deadline passed: answer `{:error, :timeout}`; the stream stays usable."
+  def expire_write(%State{} = data, id, ref) do
+    case WriteQueue.expire(data.writes, id, ref) do
+      {nil, _} ->
+        data
+
+      {write, queue} ->
+        GenServer.reply(write.from, {:error, :timeout})
+        %{data | writes: queue}
+    end
+  end
+
+  # Answers the caller blocked in Stream.send/3, then (for a FIN) tells the
+  # stream process its sending side is done. In this order the reply is in
+  # the caller's mailbox before the stream can finish and exit.
+  defp finish_write(data, id, %Write{} = write, result) do
+    if write.timer, do: :erlang.cancel_timer(write.timer, async: true, info: false)
+    GenServer.reply(write.from, result)
+
+    if result == :ok and write.fin do
+      case Streams.pid(data.streams, id) do
+        nil -> :ok
+        pid -> send(pid, {:quic_send_done, :fin})
+      end
+    end
+
+    :ok
+  end
+
+  ## Output
+
+  @doc """
+  Writes pending stream data and sends everything quiche has, in GSO
+  batches. Returns `{data, %{timeout: ms | nil, closed: boolean}}`.
+  """
+  def flush(%State{} = data) do
+    {writes, keys} = WriteQueue.batch(data.writes)
+    {:ok, out} = Native.connection_flush(data.native, writes, @send_budget)
+    data = apply_writes(data, keys, out.writes)
+    data = send_batches(data, out.batches)
+
+    if out.more and not out.closed do
+      flush_more(data)
+    else
+      {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
+    end
+  end
+
+  # More packets than one call's budget: keep sending, without re-offering
+  # the writes.
+  defp flush_more(data) do
+    {:ok, out} = Native.connection_flush(data.native, [], @send_budget)
+    data = send_batches(data, out.batches)
+
+    if out.more and not out.closed,
+      do: flush_more(data),
+      else: {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
+  end
+
+  defp apply_writes(data, [], _results), do: data
+
+  defp apply_writes(data, keys, results) do
+    {queue, ended} = WriteQueue.apply_results(data.writes, keys, results)
+    data = %{data | writes: queue}
+
+    Enum.reduce(ended, data, fn {id, write, result}, acc ->
+      acc =
+        case result do
+          :ok when write.fin ->
+            %{acc | streams: Streams.set_send(acc.streams, id, :fin)}
+
+          {:error, {:stopped, code}} ->
+            %{acc | streams: Streams.set_send(acc.streams, id, {:stopped, code})}
+
+          _ ->
+            acc
+        end
+
+      finish_write(acc, id, write, result)
+      acc
+    end)
+  end
+
+  # A write that waits gets a timer for its caller's timeout (a write that
+  # went through at once never needs one).
+  defp arm_write_timers(data) do
+    Enum.reduce(WriteQueue.untimed(data.writes), data, fn {id, write}, acc ->
+      ms = max(write.deadline - System.monotonic_time(:millisecond), 0)
+      timer = :erlang.start_timer(ms, self(), {:write_timeout, id, write.ref})
+      %{acc | writes: WriteQueue.put_timer(acc.writes, id, write.ref, timer)}
+    end)
+  end
+
+  defp send_batches(data, []), do: data
+
+  defp send_batches(data, [{to, bin, seg} | rest]) do
+    case UDP.send_batch(data.socket, to, bin, seg, data.gso) do
+      :ok -> send_batches(data, rest)
+      {:ok, :gso_off} -> send_batches(%{data | gso: false}, rest)
+      # A send error is a lost datagram to QUIC; recovery retransmits.
+      {:error, _reason} -> send_batches(data, rest)
+    end
+  end
+
+  ## The end
+
+  @doc """
+  The connection is ending with `reason`: every queued write and waiting
+  open_stream/3 gets `{:error, :closed}`, every stream process is told.
+  """
+  def end_streams(%State{} = data, reason) do
+    {writes, queue} = WriteQueue.drain(data.writes)
+    Enum.each(writes, fn {id, write} -> finish_write(data, id, write, {:error, :closed}) end)
+    {waiters, streams} = Streams.take_waiters(data.streams)
+    Enum.each(waiters, &:gen_statem.reply(&1.from, {:error, :closed}))
+    Enum.each(Streams.pids(streams), &send(&1, {:quic_conn_closed, reason}))
+    %{data | writes: queue, streams: streams}
+  end
+end

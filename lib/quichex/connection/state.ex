@@ -1,0 +1,87 @@
+defmodule Quichex.Connection.State do
+  @moduledoc false
+  # The connection process's state (the gen_statem data; the state name is
+  # separate: :handshaking, :established, :draining, :closed).
+
+  alias Quichex.Connection.{Streams, WriteQueue}
+
+  @enforce_keys [:role, :native, :socket, :local, :peer]
+  defstruct [
+    :role,
+    :native,
+    :socket,
+    :local,
+    :peer,
+    # Client connections own their socket; server ones send on the listener's.
+    owns_socket: false,
+    gso: false,
+    # The controlling process (nil for a handler connection until its
+    # handler process starts) and its monitor.
+    owner: nil,
+    owner_ref: nil,
+    # Send connection messages to the owner; the default :active of the
+    # streams we open.
+    active: true,
+    # The default :active of streams the peer opens.
+    stream_active: true,
+    # {module, options} for a listener's Quichex.Handler.
+    handler: nil,
+    # %{pid, mode, table} for a connection a listener accepted.
+    listener: nil,
+    # Connection IDs routed to us by the listener.
+    cids: [],
+    retry: false,
+    started_at: nil,
+    # wait_connected/2 callers.
+    waiters: [],
+    # Why we are closing, set when the close starts: :local or :owner_down,
+    # and the code we sent; the full reason is read from quiche on draining.
+    closing: nil,
+    close_code: 0,
+    close_reason: nil,
+    streams: nil,
+    writes: nil,
+    # Input for the next poll, gathered from stream processes.
+    credits: %{},
+    commands: [],
+    # The last poll ran out of read budget: poll again.
+    repoll: false,
+    # A :quichex_pass message is on its way to us.
+    pass_pending: false
+  ]
+
+  @type t :: %__MODULE__{
+          role: :client | :server,
+          native: reference(),
+          socket: :socket.socket(),
+          local: {:inet.ip_address(), :inet.port_number()},
+          peer: {:inet.ip_address(), :inet.port_number()},
+          owns_socket: boolean(),
+          gso: boolean(),
+          owner: pid() | nil,
+          owner_ref: reference() | nil,
+          active: boolean(),
+          stream_active: Quichex.Stream.active(),
+          handler: {module(), term()} | nil,
+          listener: %{pid: pid(), mode: :active | :handler, table: :ets.tid()} | nil,
+          cids: [binary()],
+          retry: boolean(),
+          started_at: integer() | nil,
+          waiters: [:gen_statem.from()],
+          closing: nil | :local | :owner_down,
+          close_code: non_neg_integer(),
+          close_reason: term(),
+          streams: Streams.t(),
+          writes: WriteQueue.t(),
+          credits: %{non_neg_integer() => pos_integer()},
+          commands: [{non_neg_integer(), :read | :write | :detach, non_neg_integer()}],
+          repoll: boolean(),
+          pass_pending: boolean()
+        }
+
+  @doc false
+  def new(fields) do
+    state = struct!(__MODULE__, fields)
+    %{state | streams: Streams.new(state.role), writes: WriteQueue.new()}
+  end
+end

@@ -1,0 +1,367 @@
+defmodule Quichex.Connection.Statem do
+  @moduledoc false
+  # The connection process: a :gen_statem with state functions.
+  #
+  #                connect/accept
+  #                      |
+  #                      v
+  #              +---------------+  handshake failed/timeout
+  #              |  :handshaking |--------------------------+
+  #              +---------------+                          |
+  #                      | handshake complete               |
+  #                      v                                  |
+  #              +---------------+                          |
+  #              |  :established |                          |
+  #              +---------------+                          |
+  #                      | close/2, peer close, idle,       |
+  #                      | owner down                       |
+  #                      v                                  |
+  #              +---------------+                          |
+  #              |   :draining   |  (CONNECTION_CLOSE sent  |
+  #              +---------------+   or received; bounded)  |
+  #                      | quiche closed                    |
+  #                      v                                  v
+  #              +---------------+                          |
+  #              |    :closed    |<-------------------------+
+  #              +---------------+  process exits normally
+  #
+  # Every event that can change quiche's state ends in drive/5: one driver
+  # pass (Quichex.Connection.Driver) and the state change it implies.
+
+  @behaviour :gen_statem
+
+  alias Quichex.{Native, Telemetry}
+  alias Quichex.Connection.{Driver, Reports, Requests, Setup, State, UDP}
+
+  @drain_cap_ms 3_000
+
+  ## Callbacks
+
+  @impl :gen_statem
+  def callback_mode, do: :state_functions
+
+  @impl :gen_statem
+  def init(args) do
+    Process.flag(:trap_exit, true)
+
+    case Setup.open(args) do
+      {:ok, data} ->
+        data = %{data | started_at: Telemetry.start(:connection, Reports.telemetry_meta(data))}
+        packets = Map.get(args, :initial_packets, [])
+
+        actions = [
+          {{:timeout, :handshake}, args.handshake_timeout, :expired},
+          {:next_event, :internal, {:init, packets}}
+        ]
+
+        {:ok, :handshaking, data, actions}
+
+      {:error, reason} ->
+        # A shutdown exit: the caller gets {:error, reason}, nothing logs a crash.
+        {:stop, {:shutdown, reason}}
+    end
+  end
+
+  ## State functions
+
+  @doc false
+  def handshaking(:internal, {:init, packets}, %State{} = data) do
+    # A client arms its socket's select by reading once.
+    packets =
+      if data.owns_socket do
+        {read, _status} = UDP.read_batch(data.socket)
+        packets ++ read
+      else
+        packets
+      end
+
+    drive(:handshaking, data, packets, false)
+  end
+
+  def handshaking({:call, from}, :wait_connected, data),
+    do: {:keep_state, %{data | waiters: [from | data.waiters]}}
+
+  def handshaking({:call, _from}, {:open_stream, _request}, _data),
+    do: {:keep_state_and_data, :postpone}
+
+  def handshaking({:timeout, :handshake}, :expired, data) do
+    _ = Native.connection_close(data.native, false, 0, "handshake timeout")
+    {data, _out} = Driver.flush(data)
+    data = %{data | close_reason: Reports.transport_error(:handshake_timeout)}
+    Reports.notify_closed(:handshaking, data)
+    data = Driver.end_streams(%{data | waiters: []}, data.close_reason)
+    {:next_state, :closed, data, {:next_event, :internal, :stop}}
+  end
+
+  def handshaking(type, content, data), do: common(:handshaking, type, content, data)
+
+  @doc false
+  def established({:call, from}, :wait_connected, _data),
+    do: {:keep_state_and_data, {:reply, from, :ok}}
+
+  def established({:call, from}, {:open_stream, request}, data) do
+    data = Requests.open_stream(data, from, request)
+    {:keep_state, data, open_timer(data)}
+  end
+
+  def established({:timeout, :open_streams}, :expired, data) do
+    data = Requests.expire_waiters(data)
+    {:keep_state, data, open_timer(data)}
+  end
+
+  def established(type, content, data), do: common(:established, type, content, data)
+
+  @doc false
+  def draining({:timeout, :drain_cap}, :expired, data),
+    do: {:next_state, :closed, data, {:next_event, :internal, :stop}}
+
+  def draining({:call, from}, :wait_connected, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
+  def draining({:call, from}, {:open_stream, _request}, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
+  def draining(type, content, data), do: common(:draining, type, content, data)
+
+  @doc false
+  def closed(:internal, :stop, data), do: {:stop, :normal, data}
+
+  def closed({:call, from}, :state, _data),
+    do: {:keep_state_and_data, {:reply, from, {:ok, :closed}}}
+
+  def closed({:call, from}, _request, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
+  def closed(_type, _content, _data), do: :keep_state_and_data
+
+  # Events every open state handles the same way.
+  defp common(state, :info, {:"$socket", socket, :select, _}, %State{socket: socket} = data) do
+    read_socket(state, data)
+  end
+
+  defp common(state, :internal, :read_more, data), do: read_socket(state, data)
+
+  defp common(state, :info, {:quic_packets, packets}, data),
+    do: drive(state, data, packets, false)
+
+  defp common(state, :info, :quichex_pass, data),
+    do: drive(state, %{data | pass_pending: false}, [], false)
+
+  defp common(state, {:timeout, :quic}, :fire, data), do: drive(state, data, [], true)
+
+  defp common(_state, :cast, {:stream, msg}, data) do
+    {:keep_state, Driver.schedule_pass(Requests.stream_message(data, msg))}
+  end
+
+  # A stream's own process sending from inside a handler callback.
+  defp common(_state, {:call, from}, {:stream_send, id, bin, fin, timeout}, data) do
+    data = Requests.stream_message(data, {:send, id, from, bin, fin, timeout})
+    {:keep_state, Driver.schedule_pass(data)}
+  end
+
+  defp common(_state, :info, {:timeout, _ref, {:write_timeout, id, ref}}, data),
+    do: {:keep_state, Driver.expire_write(data, id, ref)}
+
+  defp common(_state, :info, {:EXIT, pid, reason}, data) do
+    case Requests.stream_exit(data, pid, reason) do
+      {:ok, data} -> {:keep_state, Driver.schedule_pass(data)}
+      :unknown -> :keep_state_and_data
+    end
+  end
+
+  defp common(state, :info, {:DOWN, ref, :process, _pid, _reason}, %State{owner_ref: ref} = data) do
+    data = %{data | owner_ref: nil}
+
+    if state == :draining do
+      {:keep_state, data}
+    else
+      _ = Native.connection_close(data.native, true, Reports.owner_down_code(), "")
+      drive(state, %{data | closing: :owner_down}, [], false)
+    end
+  end
+
+  defp common(_state, {:call, from}, :stats, data),
+    do: {:keep_state_and_data, {:reply, from, Reports.stats(data)}}
+
+  defp common(state, {:call, from}, :info, data),
+    do: {:keep_state_and_data, {:reply, from, Reports.info(state, data)}}
+
+  defp common(state, {:call, from}, :state, _data),
+    do: {:keep_state_and_data, {:reply, from, {:ok, state}}}
+
+  defp common(state, {:call, from}, {:close, code, reason}, data) do
+    case Native.connection_close(data.native, true, code, reason) do
+      :ok ->
+        data = %{data | closing: :local, close_code: code}
+        drive(state, data, [], false, [{:reply, from, :ok}])
+
+      {:error, _already_closed} ->
+        {:keep_state_and_data, {:reply, from, :ok}}
+    end
+  end
+
+  defp common(_state, {:call, from}, {:controlling_process, caller, pid}, data) do
+    cond do
+      caller != data.owner ->
+        {:keep_state_and_data, {:reply, from, {:error, :not_owner}}}
+
+      not Process.alive?(pid) ->
+        {:keep_state_and_data, {:reply, from, {:error, :dead_owner}}}
+
+      true ->
+        if data.owner_ref, do: Process.demonitor(data.owner_ref, [:flush])
+        data = %{data | owner: pid, owner_ref: Process.monitor(pid)}
+        {:keep_state, data, {:reply, from, :ok}}
+    end
+  end
+
+  defp common(_state, {:call, from}, _unknown, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :badarg}}}
+
+  defp common(_state, _type, _content, _data), do: :keep_state_and_data
+
+  defp read_socket(state, data) do
+    {packets, status} = UDP.read_batch(data.socket)
+    actions = if status == :more, do: [{:next_event, :internal, :read_more}], else: []
+    drive(state, data, packets, false, actions)
+  end
+
+  defp open_timer(data) do
+    case Quichex.Connection.Streams.next_deadline(data.streams) do
+      nil -> {{:timeout, :open_streams}, :infinity, :expired}
+      deadline -> {{:timeout, :open_streams}, deadline, :expired, [abs: true]}
+    end
+  end
+
+  ## The driver pass and the state changes it implies
+
+  defp drive(state, data, packets, timer?, actions \\ []) do
+    {state, data, status} =
+      if packets != [] or timer? or Driver.poll_needed?(data) do
+        {poll, data} = Driver.poll(data, packets, timer?)
+        {state, data, status} = maybe_established(state, data, poll)
+        {state, Driver.dispatch(data, poll), status}
+      else
+        {state, data, %{draining: false, closed: false, actions: []}}
+      end
+
+    actions = status.actions ++ actions
+
+    {data, out} = Driver.flush(data)
+    timer = {{:timeout, :quic}, out.timeout || :infinity, :fire}
+
+    cond do
+      status.closed or out.closed ->
+        finish(state, data, actions)
+
+      state != :draining and (status.draining or data.closing != nil) ->
+        data = closing(state, data)
+        cap = {{:timeout, :drain_cap}, @drain_cap_ms, :expired}
+        {:next_state, :draining, data, [timer, cap | actions]}
+
+      true ->
+        {:next_state, state, data, [timer | actions]}
+    end
+  end
+
+  defp maybe_established(:handshaking, data, %{established: true} = poll) do
+    status = %{
+      draining: poll.draining,
+      closed: poll.closed,
+      actions: [{{:timeout, :handshake}, :cancel}]
+    }
+
+    {:established, on_established(data), status}
+  end
+
+  defp maybe_established(state, data, poll),
+    do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
+
+  defp on_established(data) do
+    {:ok, info} = Native.connection_info(data.native)
+
+    Telemetry.execute(
+      [:quichex, :connection, :handshake],
+      %{duration: System.monotonic_time() - data.started_at},
+      Map.merge(Reports.telemetry_meta(data), %{
+        alpn: info.alpn,
+        retry: Reports.retry_used?(data, info)
+      })
+    )
+
+    Enum.each(data.waiters, &:gen_statem.reply(&1, :ok))
+    data = start_handler(%{data | waiters: []})
+    Reports.notify_owner(data, {:quic_connected, self()})
+
+    case data.listener do
+      %{mode: :active, pid: listener} ->
+        send(data.owner, {:quic_connection, listener, self(), data.peer})
+
+      _ ->
+        :ok
+    end
+
+    data
+  end
+
+  # A listener's handler: its connection process starts now, linked to us,
+  # and becomes the controlling process.
+  defp start_handler(%State{handler: {module, options}, owner: nil} = data) do
+    pid = Quichex.Handler.ConnectionServer.start_link(module, options, self())
+    %{data | owner: pid, owner_ref: Process.monitor(pid)}
+  end
+
+  defp start_handler(data), do: data
+
+  # Entering :draining: learn why, tell the owner and the streams.
+  defp closing(state, data) do
+    {code, reason} = Reports.close_reason(state, data)
+    data = %{data | close_code: code, close_reason: reason}
+    Reports.notify_closed(state, data)
+    Driver.end_streams(%{data | waiters: []}, reason)
+  end
+
+  defp finish(state, data, actions) do
+    data = if state == :draining, do: data, else: closing(state, data)
+    {:next_state, :closed, data, actions ++ [{:next_event, :internal, :stop}]}
+  end
+
+  @impl :gen_statem
+  def terminate(reason, state, %State{} = data) do
+    # Stopped from outside (a listener or application shutting down) while
+    # still open: tell the peer with CONNECTION_CLOSE instead of leaving it
+    # to its idle timer, and end every stream.
+    data =
+      if state in [:handshaking, :established] do
+        if Native.connection_close(data.native, true, 0, "shutdown") == :ok do
+          {data, _out} = Driver.flush(data)
+          data
+        else
+          data
+        end
+        |> Driver.end_streams(:shutdown)
+      else
+        data
+      end
+
+    if data.owns_socket, do: :socket.close(data.socket)
+    unroute(data)
+    Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, :closed}))
+
+    Telemetry.stop(
+      :connection,
+      data.started_at || System.monotonic_time(),
+      Map.put(Reports.telemetry_meta(data), :reason, data.close_reason || reason),
+      Reports.stop_measurements(data)
+    )
+
+    :ok
+  end
+
+  def terminate(_reason, _state, _data), do: :ok
+
+  defp unroute(%State{listener: %{table: table}, cids: cids}),
+    do: Enum.each(cids, &:ets.delete(table, &1))
+
+  defp unroute(_data), do: :ok
+end

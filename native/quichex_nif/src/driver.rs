@@ -1,0 +1,290 @@
+//! The NIF side of one driver pass, in two calls:
+//!
+//! * `connection_poll` takes the input of the pass (every datagram of one
+//!   socket read, the timer, read credit and stream commands from the stream
+//!   processes) and reports what changed: handshake state, STOP_SENDING, and
+//!   the data read ahead for each readable stream within its credit.
+//! * `connection_flush` writes the pending stream data and returns all
+//!   output of the pass as GSO-ready batches, with quiche's next timer.
+//!
+//! Both bound their work so a call stays well under a millisecond.
+
+use std::net::SocketAddr;
+
+use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
+
+use crate::connection::{ConnInner, ConnResource};
+use crate::error::Result;
+use crate::packet::first_packet_len;
+use crate::stream;
+use crate::util::{bytes_term, ceil_millis, decode_addr, encode_addr};
+
+/// Most bytes one poll reads out of all streams together.
+const MAX_READ_TOTAL: usize = 1 << 20;
+/// Most bytes one flush copies into quiche.
+const MAX_WRITE_TOTAL: usize = 1 << 20;
+/// Largest UDP payload one GSO send may carry (IPv4 limit, rounded down).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Most packets one flush produces.
+const MAX_SEND_PACKETS: usize = 256;
+
+thread_local! {
+    /// Packet buffer shared by every connection handled on this scheduler
+    /// thread (a NIF call runs start to end on one thread), so an idle
+    /// connection holds no buffer of its own.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[derive(NifMap)]
+struct Poll<'a> {
+    established: bool,
+    draining: bool,
+    closed: bool,
+    /// STOP_SENDING from the peer: `[{id, code}]`.
+    stopped: Vec<(u64, u64)>,
+    /// `[{id, data, fin?} | {id, {:reset, code}} | {id, {:error, reason}}]`.
+    reads: Vec<Term<'a>>,
+    /// The read budget ran out before every readable stream was served.
+    more: bool,
+    peer_streams_left_bidi: u64,
+    peer_streams_left_uni: u64,
+}
+
+/// One poll: `packets` is `[{from, data, segment_size}]` (a non-zero segment
+/// size splits a GRO buffer into its datagrams), `timer` says quiche's timer
+/// fired, `credits` is `[{stream_id, bytes}]` of read credit given back,
+/// `commands` is `[{stream_id, :read | :write | :detach, error_code}]`.
+#[rustler::nif]
+fn connection_poll<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    packets: Vec<(Term<'a>, Binary<'a>, usize)>,
+    timer: bool,
+    credits: Vec<(u64, u64)>,
+    commands: Vec<(u64, Atom, u64)>,
+) -> Result<Poll<'a>> {
+    // Decode everything before touching the connection.
+    let commands = commands
+        .into_iter()
+        .map(|(id, dir, code)| {
+            Ok((
+                crate::util::varint(id, "stream id")?,
+                stream::decode_command(dir, code)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let packets = packets
+        .into_iter()
+        .map(|(from, data, seg)| Ok((decode_addr(from)?, data, seg)))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut guard = conn.lock()?;
+    let inner = &mut *guard;
+    for (id, command) in commands {
+        stream::apply(inner, id, command);
+    }
+    receive(inner, &packets);
+    if timer {
+        inner.conn.on_timeout();
+    }
+    for (id, bytes) in credits {
+        inner.streams.add_credit(id, bytes);
+    }
+
+    let readable: Vec<u64> = inner.conn.readable().collect();
+    let fresh = stream::fresh_peer_streams(inner, &readable);
+    let stopped = stream::take_stops(inner, &fresh);
+    let mut reads = Vec::new();
+    let mut budget = MAX_READ_TOTAL;
+    let mut more = false;
+    for id in readable {
+        if budget == 0 {
+            more = true;
+            break;
+        }
+        if let Some((report, n)) = stream::read(env, inner, id, budget) {
+            budget -= n;
+            reads.push(report);
+        }
+    }
+
+    let c = &inner.conn;
+    Ok(Poll {
+        established: c.is_established(),
+        draining: c.is_draining(),
+        closed: c.is_closed(),
+        stopped,
+        reads,
+        more,
+        peer_streams_left_bidi: c.peer_streams_left_bidi(),
+        peer_streams_left_uni: c.peer_streams_left_uni(),
+    })
+}
+
+/// Feeds received datagrams to quiche. Every datagram given is processed
+/// (dropping some would be silent loss); the caller bounds the batch
+/// (`Quichex.Connection.UDP` reads a few hundred datagrams at most).
+fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)]) {
+    let to = inner.local;
+    for (from, data, seg) in packets {
+        let bytes = data.as_slice();
+        let seg = if *seg == 0 { bytes.len().max(1) } else { *seg };
+        for datagram in bytes.chunks(seg) {
+            // quiche 0.30 drops the rest of a datagram after a coalesced
+            // packet it cannot decrypt (e.g. a Handshake packet once the
+            // Handshake keys are gone), losing a CONNECTION_CLOSE behind it.
+            // RFC 9000 section 12.2 asks receivers to try every packet, so
+            // feed them one by one.
+            let mut rest = datagram;
+            while !rest.is_empty() {
+                let (packet, tail) = rest.split_at(first_packet_len(rest));
+                rest = tail;
+                let info = quiche::RecvInfo { from: *from, to };
+                SCRATCH.with_borrow_mut(|scratch| {
+                    scratch.clear();
+                    scratch.extend_from_slice(packet);
+                    // A packet quiche rejects is dropped, as the RFC asks.
+                    let _ = inner.conn.recv(scratch, info);
+                });
+            }
+        }
+    }
+}
+
+#[derive(NifMap)]
+struct Flush<'a> {
+    /// One result per write given, in order: bytes written or `{:error, reason}`.
+    writes: Vec<Term<'a>>,
+    /// `[{to, data, segment_size}]`: every segment of `data` but the last has
+    /// exactly `segment_size` bytes, ready for one GSO send.
+    batches: Vec<Term<'a>>,
+    /// The packet budget ran out before quiche had nothing left to send.
+    more: bool,
+    /// quiche's next timer, in milliseconds.
+    timeout: Option<u64>,
+    closed: bool,
+}
+
+/// Writes `[{stream_id, data, fin?}]` (several writes for one stream go in
+/// order; after one that did not fit, the rest of that stream's get 0) and
+/// runs quiche's send loop for at most `max_packets` packets.
+#[rustler::nif]
+fn connection_flush<'a>(
+    env: Env<'a>,
+    conn: ResourceArc<ConnResource>,
+    writes: Vec<(u64, Binary<'a>, bool)>,
+    max_packets: usize,
+) -> Result<Flush<'a>> {
+    let writes = writes
+        .into_iter()
+        .map(|(id, data, fin)| Ok((crate::util::varint(id, "stream id")?, data, fin)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut guard = conn.lock()?;
+    let inner = &mut *guard;
+
+    let mut results = Vec::with_capacity(writes.len());
+    let mut budget = MAX_WRITE_TOTAL;
+    let mut blocked: Vec<u64> = Vec::new();
+    for (id, data, fin) in writes {
+        let bytes = data.as_slice();
+        if blocked.contains(&id) {
+            results.push(0usize.encode(env));
+            continue;
+        }
+        let len = bytes.len().min(budget);
+        // FIN only with the last byte.
+        let (report, written) =
+            stream::write(env, inner, id, &bytes[..len], fin && len == bytes.len());
+        budget -= written;
+        if written < bytes.len() {
+            blocked.push(id);
+        }
+        results.push(report);
+    }
+
+    let max_packets = max_packets.clamp(1, MAX_SEND_PACKETS);
+    let mtu = inner.conn.max_send_udp_payload_size().max(1200);
+    let needed = max_packets * mtu;
+    let mut more = true;
+    let batches: Vec<Term> = SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < needed {
+            scratch.resize(needed, 0);
+        }
+        let batches = send_batches(&mut inner.conn, scratch, max_packets, mtu, &mut more);
+        batches
+            .iter()
+            .map(|b| {
+                let data = bytes_term(env, &scratch[b.start..b.start + b.len]);
+                (encode_addr(env, &b.to), data, b.seg).encode(env)
+            })
+            .collect()
+    });
+    Ok(Flush {
+        writes: results,
+        batches,
+        more,
+        timeout: inner.conn.timeout().map(ceil_millis),
+        closed: inner.conn.is_closed(),
+    })
+}
+
+struct Batch {
+    to: SocketAddr,
+    start: usize,
+    len: usize,
+    seg: usize,
+    count: usize,
+}
+
+/// Runs quiche's send loop into `buf`, grouping packets into GSO batches:
+/// a batch ends at a packet shorter than its segment size, a new
+/// destination, 64 segments or 65,000 bytes. Sets `more` to false when
+/// quiche has nothing left to send.
+fn send_batches(
+    conn: &mut quiche::Connection,
+    buf: &mut [u8],
+    max_packets: usize,
+    mtu: usize,
+    more: &mut bool,
+) -> Vec<Batch> {
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut off = 0usize;
+    for _ in 0..max_packets {
+        let (n, info) = match conn.send(&mut buf[off..off + mtu]) {
+            Ok(v) => v,
+            Err(_) => {
+                // Done, or a fatal error that closed the connection (the
+                // next poll reports it).
+                *more = false;
+                break;
+            }
+        };
+        let extend = match batches.last() {
+            Some(b) => {
+                b.to == info.to
+                    && b.len % b.seg == 0
+                    && n <= b.seg
+                    && b.count < MAX_GSO_SEGMENTS
+                    && b.len + n <= MAX_GSO_BYTES
+            }
+            None => false,
+        };
+        match batches.last_mut() {
+            Some(b) if extend => {
+                b.len += n;
+                b.count += 1;
+            }
+            _ => batches.push(Batch {
+                to: info.to,
+                start: off,
+                len: n,
+                seg: n.max(1),
+                count: 1,
+            }),
+        }
+        off += n;
+    }
+    batches
+}
