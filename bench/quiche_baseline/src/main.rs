@@ -3,7 +3,7 @@
 //!
 //! Two roles, run as two processes on 127.0.0.1:
 //!
-//!   quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink
+//!   quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close
 //!       [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro] [--max-seconds S]
 //!   quiche_baseline client --port P --scenario S [--cc cubic|bbr2]
 //!       [--size BYTES] [--rounds N] [--concurrency N] [--streams N]
@@ -45,6 +45,8 @@ const ECHO_BUFFER_LIMIT: usize = 1 << 20;
 const CHUNK: usize = 64 * 1024;
 /// Period of the fixed data pattern.
 const PATTERN_PERIOD: usize = 251;
+/// The reply of the reply_close server mode.
+const REPLY: [u8; 64] = [0xa5; 64];
 
 // Linux UDP socket options (not exported by libc for glibc targets).
 const SOL_UDP: libc::c_int = 17;
@@ -563,7 +565,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|handshakes|streams|idle [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--gso] [--gro] [--timeout S]"
+        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--gso] [--gro] [--timeout S]"
     );
     std::process::exit(2);
 }
@@ -579,11 +581,15 @@ mod server {
     enum Mode {
         Echo,
         Sink,
+        /// Reads a request to its FIN, then writes a 64-byte reply and the
+        /// FIN in two stream_send calls (the FIN alone, with no data).
+        ReplyClose,
     }
 
     #[derive(Default)]
     struct SStream {
-        /// Bytes to write back (echo), or "ok" once the FIN arrived (sink).
+        /// Bytes to write back (echo), "ok" once the FIN arrived (sink), or
+        /// the reply once the FIN arrived (reply_close).
         pending: Vec<u8>,
         off: usize,
         fin_recv: bool,
@@ -603,6 +609,7 @@ mod server {
         let mode = match args.str("mode").unwrap_or("echo") {
             "echo" => Mode::Echo,
             "sink" => Mode::Sink,
+            "reply_close" => Mode::ReplyClose,
             m => return Err(format!("unknown --mode {m}")),
         };
         let (cc, _) = parse_cc(args.str("cc"))?;
@@ -726,7 +733,7 @@ mod server {
                         }
                         let ids: Vec<u64> = c.streams.keys().copied().collect();
                         for id in ids {
-                            write_stream(c, id);
+                            write_stream(c, id, mode);
                             if mode == Mode::Echo {
                                 read_stream(c, id, mode, &mut sbuf);
                             }
@@ -851,7 +858,7 @@ mod server {
             if !c.streams.is_empty() {
                 for id in c.conn.writable() {
                     if c.streams.contains_key(&id) {
-                        write_stream(c, id);
+                        write_stream(c, id, mode);
                         if mode == Mode::Echo {
                             read_stream(c, id, mode, sbuf);
                         }
@@ -880,8 +887,10 @@ mod server {
                     }
                     if fin {
                         st.fin_recv = true;
-                        if mode == Mode::Sink {
-                            st.pending.extend_from_slice(b"ok");
+                        match mode {
+                            Mode::Sink => st.pending.extend_from_slice(b"ok"),
+                            Mode::ReplyClose => st.pending.extend_from_slice(&REPLY),
+                            Mode::Echo => {}
                         }
                         break;
                     }
@@ -893,21 +902,33 @@ mod server {
                 }
             }
         }
-        write_stream(c, id);
+        write_stream(c, id, mode);
     }
 
-    fn write_stream(c: &mut SConn, id: u64) {
+    fn write_stream(c: &mut SConn, id: u64, mode: Mode) {
         let Some(st) = c.streams.get_mut(&id) else {
             return;
         };
         if st.off == st.pending.len() && !st.fin_recv {
             return;
         }
-        match c.conn.stream_send(id, &st.pending[st.off..], st.fin_recv) {
+        // reply_close writes the FIN in a call of its own, after the data.
+        let fin_with_data = st.fin_recv && mode != Mode::ReplyClose;
+        let sent = if st.off < st.pending.len() || fin_with_data {
+            c.conn.stream_send(id, &st.pending[st.off..], fin_with_data)
+        } else {
+            Ok(0)
+        };
+        match sent {
             Ok(w) => {
                 st.off += w;
                 if st.off == st.pending.len() {
                     if st.fin_recv {
+                        if !fin_with_data
+                            && c.conn.stream_send(id, b"", true) == Err(quiche::Error::Done)
+                        {
+                            return; // retried when writable, or by the sweep
+                        }
                         c.streams.remove(&id);
                     } else {
                         st.pending.clear();
@@ -1151,8 +1172,9 @@ mod client {
         let extra = format!("\"cc\":\"{cc_name}\",\"gso\":{}", ctx.gso);
         match scenario {
             "bulk" => bulk(&mut ctx, args.num("size", 1 << 30)?, &extra),
-            "rtt" => rtt(&mut ctx, args.num("rounds", 10_000)?, false, &extra),
-            "rtt_streams" => rtt(&mut ctx, args.num("rounds", 10_000)?, true, &extra),
+            "rtt" | "rtt_streams" | "rtt_close" => {
+                rtt(&mut ctx, scenario, args.num("rounds", 10_000)?, &extra)
+            }
             "handshakes" => handshakes(
                 &mut ctx,
                 args.num("rounds", 1000)?,
@@ -1256,7 +1278,12 @@ mod client {
         ))
     }
 
-    fn rtt(ctx: &mut Ctx, rounds: u64, new_stream_each: bool, extra: &str) -> Res<String> {
+    /// `rtt`: 64-byte echoes on one stream. `rtt_streams` and `rtt_close`:
+    /// a new stream per round, the request with FIN, until the reply's FIN
+    /// (the server's mode decides how it writes that FIN: with the data for
+    /// echo, alone for reply_close).
+    fn rtt(ctx: &mut Ctx, name: &str, rounds: u64, extra: &str) -> Res<String> {
+        let new_stream_each = name != "rtt";
         let mut ep = ctx.connect()?;
         let msg = [0x5au8; 64];
         let mut rbuf = vec![0u8; RECV_BUF_LEN];
@@ -1292,7 +1319,7 @@ mod client {
                 }
             }
             if got != 64 {
-                return Err(format!("round {r}: echoed {got} bytes"));
+                return Err(format!("round {r}: got {got} bytes back"));
             }
             samples.push(t0.elapsed().as_secs_f64() * 1e6);
         }
@@ -1307,11 +1334,6 @@ mod client {
             samples[k.clamp(1, n) - 1]
         };
         let mean = samples.iter().sum::<f64>() / n as f64;
-        let name = if new_stream_each {
-            "rtt_streams"
-        } else {
-            "rtt"
-        };
         Ok(format!(
             "{{\"scenario\":\"{name}\",\"rounds\":{rounds},\"p50_us\":{:.1},\"p99_us\":{:.1},\"mean_us\":{:.1},\"min_us\":{:.1},\"max_us\":{:.1},{extra}}}",
             pct(50.0),
