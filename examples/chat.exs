@@ -188,7 +188,7 @@ defmodule Chat do
       )
 
     :ok = Quichex.Connection.wait_connected(conn, timeout: 5_000)
-    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional)
+    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
     :ok = Quichex.Stream.send(stream, "JOIN #{name}\n")
     {["WELCOME " <> ^name], buffer} = read_lines(stream, "", 1, [])
     send(parent, {:joined, name, self()})

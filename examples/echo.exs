@@ -121,7 +121,7 @@ defmodule Demo do
   defp echo_one(conn, i) do
     :rand.seed(:exsss, {i, i, i})
     payload = :rand.bytes(@size)
-    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional)
+    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
     reader = Task.async(fn -> read_all(stream, []) end)
 
     for <<chunk::binary-size(@chunk) <- payload>> do

@@ -88,7 +88,7 @@ defmodule FileTransfer do
       )
 
     :ok = Quichex.Connection.wait_connected(conn, timeout: 5_000)
-    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional)
+    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
 
     IO.puts("sending #{Path.basename(path)} (#{@size} bytes) in #{div(@chunk, 1024)} KiB chunks")
     started = System.monotonic_time(:microsecond)
