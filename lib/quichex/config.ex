@@ -72,9 +72,10 @@ defmodule Quichex.Config do
       doc: "How many connection IDs we accept from the peer (quiche default 2)."
     ],
     cc_algorithm: [
-      type: {:in, [:reno, :cubic, :bbr2]},
+      type: {:in, [:reno, :cubic, :bbr, :bbr2]},
       default: :cubic,
-      doc: "Congestion control: `:reno`, `:cubic` or `:bbr2`."
+      doc:
+        "Congestion control: `:reno`, `:cubic`, or `:bbr` / `:bbr2` (both quiche 0.30's BBRv2)."
     ],
     enable_hystart: [type: :boolean, default: nil, doc: "HyStart++ (quiche default true)."],
     enable_pacing: [type: :boolean, default: nil, doc: "Pacing (quiche default true)."],
@@ -125,10 +126,22 @@ defmodule Quichex.Config do
       doc: "Directory of trusted CA certificates."
     ],
     grease: [type: :boolean, default: nil, doc: "Send GREASE values (quiche default true)."],
-    log_keys: [
-      type: :boolean,
-      default: false,
-      doc: "Write TLS secrets to the file named by `SSLKEYLOGFILE` (for Wireshark)."
+    keylog_file: [
+      type: :path,
+      default: nil,
+      doc:
+        "Append TLS secrets to this file in the NSS key log format, so Wireshark can decrypt captures. When unset, the file named by the `SSLKEYLOGFILE` environment variable is used, as browsers and curl do."
+    ],
+    qlog_dir: [
+      type: :path,
+      default: nil,
+      doc:
+        "Write one qlog file (JSON-SEQ, `<trace_id>.sqlog`) per connection into this existing directory. A file that cannot be written never affects the connection; the failure is reported once as a `[:quichex, :connection, :log_failed]` telemetry event."
+    ],
+    qlog_level: [
+      type: {:in, [:core, :base, :extra]},
+      default: :base,
+      doc: "How much a qlog records: `:core`, `:base` or `:extra` events (with `qlog_dir`)."
     ],
     enable_early_data: [type: :boolean, default: false, doc: "Accept and send 0-RTT data."],
     discover_pmtu: [
@@ -178,9 +191,9 @@ defmodule Quichex.Config do
       iex> config =
       ...>   Quichex.Config.new()
       ...>   |> Quichex.Config.set_application_protos(["echo"])
-      ...>   |> Quichex.Config.set_cc_algorithm(:bbr2)
+      ...>   |> Quichex.Config.set_cc_algorithm(:bbr)
       iex> Quichex.Config.get(config, :cc_algorithm)
-      :bbr2
+      :bbr
 
   Every setter is `set_<option>/2`, except the TLS file options, whose
   setters carry quiche's names (`load_cert_chain_from_pem_file/2`, ...).
@@ -288,7 +301,7 @@ defmodule Quichex.Config do
   def build(%__MODULE__{} = config, role) when role in [:client, :server] do
     # Building a quiche::Config creates a TLS context and reads certificate
     # files (milliseconds), so native configs are cached per config value.
-    key = {config.options, role}
+    key = {config.options, role, System.get_env("SSLKEYLOGFILE")}
 
     case :ets.lookup(@cache, key) do
       [{_, native}] ->
@@ -341,20 +354,121 @@ defmodule Quichex.Config do
         value -> value
       end
 
-    skip = [:enable_dgram, :dgram_recv_queue_len, :dgram_send_queue_len, :verify_peer]
+    qlog =
+      case get(config, :qlog_dir) do
+        nil -> []
+        dir -> [{:qlog_dir, {dir, get(config, :qlog_level)}}]
+      end
+
+    keylog =
+      case get(config, :keylog_file) || System.get_env("SSLKEYLOGFILE") do
+        path when is_binary(path) and path != "" -> [{:keylog_file, path}]
+        _ -> []
+      end
+
+    skip = [
+      :enable_dgram,
+      :dgram_recv_queue_len,
+      :dgram_send_queue_len,
+      :verify_peer,
+      :qlog_dir,
+      :qlog_level,
+      :keylog_file
+    ]
 
     plain =
       for {name, _spec} <- @schema, name not in skip, {:ok, value} <- [fetch_set(config, name)] do
         {name, value}
       end
 
-    [dgram, {:verify_peer, verify} | plain]
+    [dgram, {:verify_peer, verify} | qlog ++ keylog ++ plain]
   end
 
   defp fetch_set(config, name) do
     case get(config, name) do
       nil -> :error
       value -> {:ok, value}
+    end
+  end
+
+  @doc false
+  # The datagram settings a connection needs (Quichex.Connection.Datagrams).
+  def dgram_opts(%__MODULE__{} = config) do
+    [
+      enabled: get(config, :enable_dgram),
+      send_queue_len: get(config, :dgram_send_queue_len),
+      recv_queue_len: get(config, :dgram_recv_queue_len)
+    ]
+  end
+
+  ## The plan's names
+
+  @doc """
+  Whether to verify the peer's certificate (the plan's name for
+  `set_verify_peer/2`).
+
+      iex> Quichex.Config.new() |> Quichex.Config.verify_peer(false) |> Quichex.Config.get(:verify_peer)
+      false
+  """
+  @spec verify_peer(t(), boolean()) :: t()
+  def verify_peer(%__MODULE__{} = config, verify), do: put(config, :verify_peer, verify)
+
+  @doc """
+  Whether to send GREASE values (the plan's name for `set_grease/2`).
+
+      iex> Quichex.Config.new() |> Quichex.Config.grease(false) |> Quichex.Config.get(:grease)
+      false
+  """
+  @spec grease(t(), boolean()) :: t()
+  def grease(%__MODULE__{} = config, grease), do: put(config, :grease, grease)
+
+  @doc """
+  Enables (or disables) DATAGRAM frames (RFC 9221) with the lengths of the
+  receive and send queues (`recv_queue_len:`, `send_queue_len:`, default
+  1000 each).
+
+      iex> config = Quichex.Config.new() |> Quichex.Config.enable_dgram(true, recv_queue_len: 100, send_queue_len: 50)
+      iex> {Quichex.Config.get(config, :enable_dgram), Quichex.Config.get(config, :dgram_send_queue_len)}
+      {true, 50}
+  """
+  @spec enable_dgram(t(), boolean(), keyword()) :: t()
+  def enable_dgram(%__MODULE__{} = config, enabled, opts \\ []) do
+    opts = Keyword.validate!(opts, recv_queue_len: 1000, send_queue_len: 1000)
+
+    config
+    |> put(:enable_dgram, enabled)
+    |> put(:dgram_recv_queue_len, opts[:recv_queue_len])
+    |> put(:dgram_send_queue_len, opts[:send_queue_len])
+  end
+
+  # Where Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine, macOS (Homebrew) and
+  # FreeBSD keep their CA bundle.
+  @system_ca_files [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/usr/local/etc/openssl/cert.pem",
+    "/usr/local/share/certs/ca-root-nss.crt"
+  ]
+
+  @doc """
+  Trusts the operating system's CA certificates: sets
+  `:load_verify_locations_from_file` to the first CA bundle found (the
+  `SSL_CERT_FILE` environment variable first, then the usual places of
+  Debian, Fedora, openSUSE, Alpine, macOS and FreeBSD). Raises
+  `Quichex.TransportError` with `reason: :no_system_ca_certs` when there is
+  none.
+
+      config = Quichex.Config.new(application_protos: ["h3"]) |> Quichex.Config.load_system_ca_certs()
+  """
+  @spec load_system_ca_certs(t()) :: t()
+  def load_system_ca_certs(%__MODULE__{} = config) do
+    candidates = [System.get_env("SSL_CERT_FILE") | @system_ca_files]
+
+    case Enum.find(candidates, &(is_binary(&1) and &1 != "" and File.regular?(&1))) do
+      nil -> raise Quichex.TransportError.new(:no_system_ca_certs)
+      path -> put(config, :load_verify_locations_from_file, path)
     end
   end
 

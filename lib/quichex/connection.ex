@@ -158,7 +158,8 @@ defmodule Quichex.Connection do
         owner: self(),
         active: opts.active,
         stream_active: stream_active,
-        handshake_timeout: opts.handshake_timeout
+        handshake_timeout: opts.handshake_timeout,
+        dgrams: Config.dgram_opts(opts.config)
       }
 
       sup = {:via, PartitionSupervisor, {Quichex.ConnectionSupervisor, self()}}
@@ -225,8 +226,9 @@ defmodule Quichex.Connection do
   @doc """
   Facts about the connection: `local_address`, `peer_address`, `alpn`,
   `server_name`, `is_server`, `is_established`, `is_closed`, `is_draining`,
-  `state`, `retry` (Retry was used), `peer_transport_params`, `source_id`,
-  `destination_id`, `peer_cert` (DER), `trace_id`.
+  `is_resumed`, `state`, `retry` (Retry was used), `peer_transport_params`,
+  `source_id`, `destination_id`, `peer_cert` (DER), `trace_id`,
+  `max_send_udp_payload_size`, `gso` (UDP GSO in use).
 
       {:ok, %{alpn: "echo"}} = Quichex.Connection.info(conn)
   """
@@ -338,6 +340,119 @@ defmodule Quichex.Connection do
     raise ArgumentError,
           "invalid direction: expected :bidirectional or :unidirectional, got: #{inspect(direction)}"
   end
+
+  ## Datagrams (RFC 9221)
+
+  @doc """
+  Sends `data` (iodata) as one DATAGRAM frame: unreliable, unordered, not
+  retransmitted. Needs `enable_dgram` in the config on both sides.
+  Returns `:ok` once the datagram is queued (it leaves in the next driver
+  pass), or `{:error, reason}`:
+
+    * `:disabled` - our config does not enable datagrams;
+    * `:not_negotiated` - the peer does not accept them;
+    * `{:too_big, max}` - the payload exceeds what fits in one packet on
+      the current path (`dgram_max_size/2`);
+    * `:queue_full` - `dgram_send_queue_len` datagrams are already waiting;
+    * `:closed` / `:timeout`.
+
+  Called during the handshake, it waits until the handshake completes.
+
+      :ok = Quichex.Connection.dgram_send(conn, "unreliable data")
+  """
+  @spec dgram_send(t(), iodata(), keyword()) :: :ok | {:error, term()}
+  def dgram_send(conn, data, opts \\ []) do
+    bin =
+      try do
+        IO.iodata_to_binary(data)
+      rescue
+        ArgumentError ->
+          raise ArgumentError, "dgram_send/3 expects iodata, got: #{inspect(data, limit: 5)}"
+      end
+
+    call(conn, {:dgram_send, bin}, timeout_opt(opts))
+  end
+
+  @doc """
+  The largest datagram payload `dgram_send/3` takes now: `{:ok, bytes}`, or
+  `{:error, :disabled | :not_negotiated | :closed}`. It depends on the
+  path's packet size, so it can change during the connection.
+
+      {:ok, max} = Quichex.Connection.dgram_max_size(conn)
+  """
+  @spec dgram_max_size(t(), keyword()) :: {:ok, pos_integer()} | {:error, term()}
+  def dgram_max_size(conn, opts \\ []), do: call(conn, :dgram_max_size, timeout_opt(opts))
+
+  @doc """
+  Receives one datagram in passive mode (a connection started with
+  `active: false`): `{:ok, data}`, or `{:error, :timeout}` when none arrived
+  within `:timeout` ms (default 5000), `{:error, :active}` on an active
+  connection (datagrams arrive as `{:quic_dgram, conn, data}` there),
+  `{:error, :closed}`. At most `dgram_recv_queue_len` datagrams wait; when
+  more arrive, the oldest are dropped (see `stats/2`).
+
+      {:ok, data} = Quichex.Connection.dgram_recv(conn, timeout: 1_000)
+  """
+  @spec dgram_recv(t(), keyword()) :: {:ok, binary()} | {:error, term()}
+  def dgram_recv(conn, opts \\ []) do
+    timeout = timeout_opt(opts)
+    call(conn, {:dgram_recv, timeout}, timeout, 1_000)
+  end
+
+  ## The plan's stream functions, by stream pid
+
+  @doc """
+  `Quichex.Stream.send/3` under the plan's name: `conn` is the stream's
+  connection (not checked), `stream` the stream pid.
+
+      :ok = Quichex.Connection.stream_send(conn, stream, "Hello", fin: false)
+  """
+  @spec stream_send(t(), Quichex.Stream.t(), iodata(), keyword()) :: :ok | {:error, term()}
+  def stream_send(_conn, stream, data, opts \\ []), do: Quichex.Stream.send(stream, data, opts)
+
+  @doc """
+  `Quichex.Stream.recv/2` under the plan's name.
+
+      {:ok, data, fin?} = Quichex.Connection.stream_recv(conn, stream, timeout: 5_000)
+  """
+  @spec stream_recv(t(), Quichex.Stream.t(), keyword()) ::
+          {:ok, binary(), boolean()} | {:error, term()}
+  def stream_recv(_conn, stream, opts \\ []), do: Quichex.Stream.recv(stream, opts)
+
+  @doc """
+  `Quichex.Stream.shutdown/3` under the plan's name.
+
+      :ok = Quichex.Connection.stream_shutdown(conn, stream, :both, error_code: 0)
+  """
+  @spec stream_shutdown(t(), Quichex.Stream.t(), :read | :write | :both, keyword()) ::
+          :ok | {:error, term()}
+  def stream_shutdown(_conn, stream, how, opts \\ []),
+    do: Quichex.Stream.shutdown(stream, how, opts)
+
+  @doc """
+  The connection's streams that have data (or their end) waiting to be
+  received: `{:ok, [stream_pid]}`.
+
+      {:ok, readable} = Quichex.Connection.readable_streams(conn)
+  """
+  @spec readable_streams(t(), keyword()) :: {:ok, [pid()]} | {:error, term()}
+  def readable_streams(conn, opts \\ []) do
+    timeout = timeout_opt(opts)
+
+    with {:ok, streams} <- call(conn, :streams, timeout) do
+      {:ok, Enum.filter(streams, &Quichex.Stream.readable?/1)}
+    end
+  end
+
+  @doc """
+  The connection's streams that can take data now (their sending side is
+  open, nothing is queued on them, and flow and congestion control leave
+  room): `{:ok, [stream_pid]}`.
+
+      {:ok, writable} = Quichex.Connection.writable_streams(conn)
+  """
+  @spec writable_streams(t(), keyword()) :: {:ok, [pid()]} | {:error, term()}
+  def writable_streams(conn, opts \\ []), do: call(conn, :writable_streams, timeout_opt(opts))
 
   defp timeout_opt(opts) do
     opts = Keyword.validate!(opts, timeout: 5_000)

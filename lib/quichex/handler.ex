@@ -23,9 +23,10 @@ defmodule Quichex.Handler do
      chunk, then `c:handle_fin/2` when the peer finishes the stream or
      `c:handle_reset/3` when the peer resets it. `c:handle_stopped/3` runs
      when the peer asks us to stop sending (at any point; receiving goes
-     on), `c:handle_info/3` for any other message. A chunk is read only
-     after the previous callback returned, so a slow handler slows the peer
-     through flow control.
+     on), `c:handle_info/3` for any other message. Each callback gets what
+     arrived while the previous one ran; the stream reads at most about
+     256 KB ahead of its callbacks, so a slow handler slows the peer through
+     flow control.
   3. When the connection closes, `c:handle_close/3` runs in the connection
      handler process, which then exits; stream processes end with their
      streams or their connection.
@@ -150,6 +151,13 @@ defmodule Quichex.Handler do
   @doc "Any other message to the connection process."
   @callback handle_info(msg :: term(), state :: term()) :: result()
 
+  @doc """
+  A DATAGRAM frame (RFC 9221) arrived on `conn`, in the order received.
+  Runs in the connection handler process. Needs `enable_dgram` in the
+  listener's config; answer with `Quichex.Connection.dgram_send/3`.
+  """
+  @callback handle_datagram(data :: binary(), conn(), state :: term()) :: result()
+
   @doc "The peer opened `stream`. First callback of a stream process."
   @callback handle_stream_open(stream(), state :: term()) :: result()
 
@@ -179,6 +187,7 @@ defmodule Quichex.Handler do
   @optional_callbacks handle_connection: 2,
                       handle_close: 3,
                       handle_info: 2,
+                      handle_datagram: 3,
                       handle_stream_open: 2,
                       handle_data: 3,
                       handle_fin: 2,
@@ -207,6 +216,9 @@ defmodule Quichex.Handler do
       def handle_info(_msg, state), do: {:continue, state}
 
       @impl Quichex.Handler
+      def handle_datagram(_data, _conn, state), do: {:continue, state}
+
+      @impl Quichex.Handler
       def handle_stream_open(_stream, state), do: {:continue, state}
 
       @impl Quichex.Handler
@@ -230,6 +242,7 @@ defmodule Quichex.Handler do
       defoverridable handle_connection: 2,
                      handle_close: 3,
                      handle_info: 2,
+                     handle_datagram: 3,
                      handle_stream_open: 2,
                      handle_data: 3,
                      handle_fin: 2,

@@ -16,7 +16,13 @@ defmodule Quichex.Listener do
       type: :boolean,
       default: true,
       doc:
-        "Without a handler: send `{:quic_connection, listener, conn, peer}` to the parent, which becomes the controlling process."
+        "Without a handler: send `{:quic_connection, listener, conn, peer}` to the parent, which becomes the controlling process. Ignored with `:handler` or `:connection_handler`."
+    ],
+    connection_handler: [
+      type: :atom,
+      default: nil,
+      doc:
+        "A module implementing `Quichex.ConnectionHandler`: `handle_connection(conn, peer)` runs for each connection."
     ],
     handler: [
       type: :atom,
@@ -48,7 +54,7 @@ defmodule Quichex.Listener do
       type: :keyword,
       default: [],
       doc:
-        "Options for streams peers open, without a handler: `[active: true | false | :once | n]` (default `true`)."
+        "Options for streams peers open, without a `:handler` (and for a stream a handler hands off with `Quichex.Stream.controlling_process/2`): `[active: true | false | :once | n]` (default `true`)."
     ],
     owner: [
       type: :pid,
@@ -146,21 +152,22 @@ defmodule Quichex.Listener do
             "invalid value for option :ip: expected an IP tuple, got: #{inspect(opts.ip)}"
     end
 
-    if opts.handler == nil and not opts.active do
+    if opts.handler && opts.connection_handler do
+      raise ArgumentError, "a listener takes :handler or :connection_handler, not both"
+    end
+
+    if opts.handler == nil and opts.connection_handler == nil and not opts.active do
       raise ArgumentError,
-            "a listener needs :handler, or active: true to send connections to its owner"
+            "a listener needs :handler, :connection_handler, or active: true to send connections to its owner"
     end
 
-    if opts.handler do
-      case Code.ensure_loaded(opts.handler) do
-        {:module, _} ->
-          :ok
-
-        _ ->
-          raise ArgumentError,
-                "invalid value for option :handler: module #{inspect(opts.handler)} is not available"
-      end
-    end
+    ensure_module!(:handler, opts.handler, {:handle_data, 3})
+    ensure_module!(:connection_handler, opts.connection_handler, {:handle_connection, 2})
+    # With a handler of either kind, connections are not sent to the owner.
+    opts = %{
+      opts
+      | active: opts.handler == nil and opts.connection_handler == nil and opts.active
+    }
 
     opts =
       Map.put(opts, :stream_active, Quichex.Connection.stream_active!(opts.stream_opts, true))
@@ -170,6 +177,15 @@ defmodule Quichex.Listener do
         {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
         other -> other
       end
+    end
+  end
+
+  defp ensure_module!(_option, nil, _callback), do: :ok
+
+  defp ensure_module!(option, module, {fun, arity}) do
+    unless Code.ensure_loaded?(module) and function_exported?(module, fun, arity) do
+      raise ArgumentError,
+            "invalid value for option #{inspect(option)}: #{inspect(module)} is not available or does not define #{fun}/#{arity}"
     end
   end
 
@@ -203,6 +219,25 @@ defmodule Quichex.Listener do
     Supervisor.stop(listener, :normal, timeout)
   catch
     :exit, _ -> :ok
+  end
+
+  @doc """
+  The live connections the listener accepted: `{:ok, [conn_pid]}`.
+
+      {:ok, conns} = Quichex.Listener.connections(listener)
+  """
+  @spec connections(Supervisor.supervisor()) :: {:ok, [pid()]} | {:error, term()}
+  def connections(listener) do
+    case children(listener) do
+      %{connections: sup} when is_pid(sup) ->
+        pids = for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid), do: pid
+        {:ok, pids}
+
+      _ ->
+        {:error, :closed}
+    end
+  catch
+    :exit, _ -> {:error, :closed}
   end
 
   @doc false

@@ -39,11 +39,12 @@ defmodule Quichex.Native do
 
   # driver
   def connection_poll(_conn, _packets, _timer?, _credits, _commands), do: err()
-  def connection_flush(_conn, _writes, _max_packets), do: err()
+  def connection_flush(_conn, _writes, _dgrams, _max_packets), do: err()
 
   # streams
   def connection_stream_open(_conn, _id, _urgency, _incremental?), do: err()
   def connection_stream_priority(_conn, _id, _urgency, _incremental?), do: err()
+  def connection_writable_streams(_conn, _ids), do: err()
 
   # packets
   def packet_header(_data, _dcid_len), do: err()

@@ -340,6 +340,16 @@ defmodule Quichex.Stream do
   end
 
   @doc false
+  # Whether data or the end of the stream waits to be received (for
+  # Quichex.Connection.readable_streams/2).
+  def readable?(stream) do
+    case own(stream) do
+      nil -> call(stream, :readable?, 5_000) == true
+      _handler -> false
+    end
+  end
+
+  @doc false
   def validate_active!(active) do
     Schema.validate!(:active, {:or, [:boolean, {:in, [:once]}, :pos_integer]}, active)
   end

@@ -16,6 +16,8 @@ defmodule Quichex.TransportError do
     * `{:tls_file, option, path}` - a certificate, key or CA file could not be
       loaded: missing, not PEM, or a key that does not match the certificate
     * `{:invalid_option, name}` - the NIF rejected a config option
+    * `:no_system_ca_certs` - `Quichex.Config.load_system_ca_certs/1` found
+      no CA bundle on this system
     * `{:transport, code, reason_phrase}` - a CONNECTION_CLOSE with a transport
       error code, sent by the peer or by us; codes `0x100..0x1ff` are TLS
       alerts (`0x178` no application protocol, `0x12a` bad certificate, ...)
@@ -47,6 +49,7 @@ defmodule Quichex.TransportError do
     do: "cannot load #{option} from #{inspect(path)} (missing, not PEM, or key/cert mismatch)"
 
   defp format({:invalid_option, name}), do: "invalid config option #{name}"
+  defp format(:no_system_ca_certs), do: "no system CA certificates found (set SSL_CERT_FILE)"
 
   defp format({:transport, code, phrase}) do
     alert = if code in 0x100..0x1FF, do: " (TLS alert #{code - 0x100})", else: ""

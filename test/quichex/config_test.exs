@@ -25,7 +25,7 @@ defmodule Quichex.ConfigTest do
     {:max_ack_delay, 30, [16384, -1]},
     {:disable_active_migration, true, [1, "true"]},
     {:active_connection_id_limit, 4, [1, 0, -2]},
-    {:cc_algorithm, :bbr2, [:bbr, :vegas, "cubic"]},
+    {:cc_algorithm, :bbr2, [:bbr1, :vegas, "cubic"]},
     {:enable_hystart, false, [0]},
     {:enable_pacing, false, [:no]},
     {:max_pacing_rate, 10_000_000, [0, -5]},
@@ -38,7 +38,9 @@ defmodule Quichex.ConfigTest do
     {:load_verify_locations_from_file, :ca, [""]},
     {:load_verify_locations_from_directory, :dir, [""]},
     {:grease, false, [nil]},
-    {:log_keys, true, ["yes"]},
+    {:keylog_file, :keylog, ["", :yes]},
+    {:qlog_dir, :dir, ["", 42]},
+    {:qlog_level, :extra, [:all, "base"]},
     {:enable_early_data, true, [1]},
     {:discover_pmtu, true, [[]]},
     {:max_connection_window, 50_000_000, [0, @big]},
@@ -53,6 +55,7 @@ defmodule Quichex.ConfigTest do
   defp value(:ca), do: certs().ca
   defp value(:dir), do: Path.dirname(certs().ca)
   defp value(:ticket), do: :binary.copy(<<7>>, 48)
+  defp value(:keylog), do: Path.join(System.tmp_dir!(), "quichex-test-keylog")
   defp value(v), do: v
 
   test "the schema covers every option the issue lists" do
@@ -116,10 +119,17 @@ defmodule Quichex.ConfigTest do
     %{enable_dgram: enabled, dgram_recv_queue_len: recv, dgram_send_queue_len: send}[name]
   end
 
+  # qlog_dir and qlog_level reach the NIF as one {dir, level}.
+  defp described_value(described, :qlog_dir), do: elem(described[:qlog_dir], 0)
+
+  defp described_value(described, :qlog_level), do: elem(described[:qlog_dir], 1)
+
   defp described_value(described, name), do: described[name]
 
   # A private key is only accepted next to its certificate.
   defp cert_opts(:load_priv_key_from_pem_file), do: [load_cert_chain_from_pem_file: certs().cert]
+  # A qlog level reaches quiche with its directory.
+  defp cert_opts(:qlog_level), do: [qlog_dir: System.tmp_dir!()]
   defp cert_opts(_), do: []
 
   test "unknown options raise ArgumentError naming them" do

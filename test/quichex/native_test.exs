@@ -143,7 +143,7 @@ defmodule Quichex.NativeTest do
     assert {:error, {:badarg, "urgency"}} = Native.connection_stream_open(conn, 0, 8, true)
 
     assert {:error, {:badarg, "stream id"}} =
-             Native.connection_flush(conn, [{4_611_686_018_427_387_904, "", true}], 1)
+             Native.connection_flush(conn, [{4_611_686_018_427_387_904, "", true}], [], 1)
 
     assert {:error, {:invalid_option, :max_ack_delay}} =
              Native.config_build([{:max_ack_delay, 1 <<< 20}])

@@ -59,7 +59,10 @@ defmodule Quichex.Config.Schema do
   def valid?({:integer, min, max}, v), do: is_integer(v) and v >= min and v <= max
   def valid?(:boolean, v), do: is_boolean(v)
   def valid?({:in, values}, v), do: v in values
-  def valid?(:path, v), do: is_binary(v) and v != "" and not String.contains?(v, <<0>>)
+
+  def valid?(:path, v),
+    do: is_binary(v) and v != "" and String.valid?(v) and not String.contains?(v, <<0>>)
+
   def valid?(:ticket_key, v), do: is_binary(v) and byte_size(v) == 48
   def valid?(:timeout, v), do: v == :infinity or (is_integer(v) and v >= 0 and v <= @max_timeout)
   def valid?(:varint, v), do: is_integer(v) and v >= 0 and v <= @max_varint
@@ -82,7 +85,7 @@ defmodule Quichex.Config.Schema do
   def type_doc({:integer, min, max}), do: "an integer in #{min}..#{max}"
   def type_doc(:boolean), do: "a boolean"
   def type_doc({:in, values}), do: "one of #{Enum.map_join(values, ", ", &inspect/1)}"
-  def type_doc(:path), do: "a non-empty path string"
+  def type_doc(:path), do: "a non-empty UTF-8 path string"
   def type_doc(:ticket_key), do: "a 48-byte binary"
   def type_doc(:alpn_list), do: "a non-empty list of 1..255 byte binaries"
 

@@ -15,7 +15,7 @@ defmodule Quichex.Connection.Driver do
   # connection is in `Quichex.Connection.Requests`.
 
   alias Quichex.Native
-  alias Quichex.Connection.{Requests, State, Streams, UDP, WriteQueue}
+  alias Quichex.Connection.{Datagrams, Reports, Requests, State, Streams, UDP, WriteQueue}
   alias Quichex.Connection.WriteQueue.Write
 
   # Packets per connection_flush call (a full GSO batch): well under a
@@ -62,6 +62,20 @@ defmodule Quichex.Connection.Driver do
 
   @doc "Hands what a poll reported to the stream processes."
   def dispatch(%State{} = data, poll) do
+    data = report(data, poll)
+
+    data = %{
+      data
+      | dgrams:
+          Datagrams.arrived(
+            data.dgrams,
+            poll.dgrams,
+            data.owner,
+            data.active,
+            poll.dgrams_dropped
+          )
+    }
+
     data = %{
       data
       | streams:
@@ -84,6 +98,19 @@ defmodule Quichex.Connection.Driver do
       end)
 
     Requests.retry_waiters(data)
+  end
+
+  # Telemetry for what the poll counted: new losses, a log that failed.
+  defp report(data, poll) do
+    if poll.packets_lost > data.packets_lost do
+      Reports.event(data, :packets_lost, %{
+        count: poll.packets_lost - data.packets_lost,
+        total: poll.packets_lost
+      })
+    end
+
+    if poll.log_failure, do: Reports.event(data, :log_failed, %{}, %{reason: poll.log_failure})
+    %{data | packets_lost: max(poll.packets_lost, data.packets_lost)}
   end
 
   # Sends `msg` to the stream's process, starting one for a new peer stream.
@@ -159,7 +186,11 @@ defmodule Quichex.Connection.Driver do
   """
   def flush(%State{} = data) do
     {writes, keys} = WriteQueue.batch(data.writes)
-    {:ok, out} = Native.connection_flush(data.native, writes, @send_budget)
+    {dgrams, dgram_state} = Datagrams.take_out(data.dgrams)
+    dropped = Datagrams.dropped(data.dgrams)
+    {:ok, out} = Native.connection_flush(data.native, writes, dgrams, @send_budget)
+    data = %{data | dgrams: Datagrams.flushed(dgram_state, out)}
+    data = dropped_event(data, dropped)
     data = apply_writes(data, keys, out.writes)
     data = send_batches(data, out.batches)
 
@@ -173,12 +204,21 @@ defmodule Quichex.Connection.Driver do
   # More packets than one call's budget: keep sending, without re-offering
   # the writes.
   defp flush_more(data) do
-    {:ok, out} = Native.connection_flush(data.native, [], @send_budget)
+    {:ok, out} = Native.connection_flush(data.native, [], [], @send_budget)
+    data = %{data | dgrams: Datagrams.flushed(data.dgrams, out)}
     data = send_batches(data, out.batches)
 
     if out.more and not out.closed,
       do: flush_more(data),
       else: {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
+  end
+
+  # Datagrams dropped since `before` (the count before this pass): one
+  # telemetry event per pass that dropped any.
+  defp dropped_event(data, before) do
+    now = Datagrams.dropped(data.dgrams)
+    if now > before, do: Reports.event(data, :datagrams_dropped, %{count: now - before})
+    data
   end
 
   defp apply_writes(data, [], _results), do: data
@@ -238,6 +278,6 @@ defmodule Quichex.Connection.Driver do
     {waiters, streams} = Streams.take_waiters(data.streams)
     Enum.each(waiters, &:gen_statem.reply(&1.from, {:error, :closed}))
     Enum.each(Streams.pids(streams), &send(&1, {:quic_conn_closed, reason}))
-    %{data | writes: queue, streams: streams}
+    %{data | writes: queue, streams: streams, dgrams: Datagrams.close(data.dgrams)}
   end
 end

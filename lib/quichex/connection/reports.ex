@@ -15,7 +15,22 @@ defmodule Quichex.Connection.Reports do
   @doc "The `stats/2` answer."
   def stats(%State{} = data) do
     {:ok, s} = Native.connection_stats(data.native)
-    {:ok, Map.put(s, :streams, Streams.count(data.streams))}
+
+    stats =
+      s
+      |> Map.put(:streams, Streams.count(data.streams))
+      |> Map.merge(Quichex.Connection.Datagrams.stats(data.dgrams))
+
+    {:ok, stats}
+  end
+
+  @doc "Emits the connection event `[:quichex, :connection, name]`."
+  def event(%State{} = data, name, measurements, metadata \\ %{}) do
+    Quichex.Telemetry.execute(
+      [:quichex, :connection, name],
+      measurements,
+      Map.merge(telemetry_meta(data), metadata)
+    )
   end
 
   @doc "The `info/2` answer."

@@ -16,8 +16,8 @@ defmodule Quichex.Connection.Requests do
   def start_peer_stream(data, id) do
     owner =
       case data.handler do
-        nil -> {:owner, data.owner}
-        {module, options} -> {:handler, module, options}
+        {:handler, module, options} -> {:handler, module, options}
+        _ -> {:owner, data.owner}
       end
 
     start_stream(data, id, owner, data.stream_active, :remote)
@@ -38,6 +38,26 @@ defmodule Quichex.Connection.Requests do
       })
 
     %{data | streams: Streams.put(data.streams, id, pid)}
+  end
+
+  @doc "`{:ok, pids}` of the streams quiche would take data for now (see writable_streams/2)."
+  def writable_streams(%State{} = data) do
+    candidates =
+      for {id, %{send: :open}} <- data.streams.by_id,
+          not WriteQueue.pending?(data.writes, id),
+          do: id
+
+    {:ok, ids} = Native.connection_writable_streams(data.native, candidates)
+    {:ok, Enum.map(ids, &Streams.pid(data.streams, &1))}
+  end
+
+  @doc "Gives the peer's streams that have no owner yet to `owner`."
+  def adopt_streams(%State{} = data, owner) do
+    for {id, %{pid: pid}} <- data.streams.by_id,
+        not Streams.local?(data.streams, id),
+        do: send(pid, {:quichex_adopt, owner})
+
+    :ok
   end
 
   ## Opening our streams

@@ -69,7 +69,8 @@ defmodule Quichex.Connection.Setup do
         owner: owner,
         owner_ref: owner && Process.monitor(owner),
         active: args.active,
-        stream_active: args.stream_active
+        stream_active: args.stream_active,
+        dgrams: args.dgrams
       ] ++ extra
     )
   end

@@ -24,8 +24,12 @@ defmodule Quichex.Connection.State do
     active: true,
     # The default :active of streams the peer opens.
     stream_active: true,
-    # {module, options} for a listener's Quichex.Handler.
+    # A listener's server code: {:handler, module, options} for a
+    # Quichex.Handler, {:connection_handler, module} for a
+    # Quichex.ConnectionHandler.
     handler: nil,
+    # The process running a Quichex.ConnectionHandler's callback.
+    runner: nil,
     # %{pid, mode, table} for a connection a listener accepted.
     listener: nil,
     # Connection IDs routed to us by the listener.
@@ -46,6 +50,10 @@ defmodule Quichex.Connection.State do
     commands: [],
     # The last poll ran out of read budget: poll again.
     repoll: false,
+    # DATAGRAMs (RFC 9221): see Quichex.Connection.Datagrams.
+    dgrams: nil,
+    # Packets lost so far, as last reported (for the packets_lost event).
+    packets_lost: 0,
     # A :quichex_pass message is on its way to us.
     pass_pending: false
   ]
@@ -62,7 +70,8 @@ defmodule Quichex.Connection.State do
           owner_ref: reference() | nil,
           active: boolean(),
           stream_active: Quichex.Stream.active(),
-          handler: {module(), term()} | nil,
+          handler: {:handler, module(), term()} | {:connection_handler, module()} | nil,
+          runner: pid() | nil,
           listener: %{pid: pid(), mode: :active | :handler, table: :ets.tid()} | nil,
           cids: [binary()],
           retry: boolean(),
@@ -76,12 +85,21 @@ defmodule Quichex.Connection.State do
           credits: %{non_neg_integer() => pos_integer()},
           commands: [{non_neg_integer(), :read | :write | :detach, non_neg_integer()}],
           repoll: boolean(),
+          dgrams: Quichex.Connection.Datagrams.t(),
+          packets_lost: non_neg_integer(),
           pass_pending: boolean()
         }
 
   @doc false
   def new(fields) do
+    {dgram_opts, fields} = Keyword.pop(fields, :dgrams, [])
     state = struct!(__MODULE__, fields)
-    %{state | streams: Streams.new(state.role), writes: WriteQueue.new()}
+
+    %{
+      state
+      | streams: Streams.new(state.role),
+        writes: WriteQueue.new(),
+        dgrams: Quichex.Connection.Datagrams.new(dgram_opts)
+    }
   end
 end

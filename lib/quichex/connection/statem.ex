@@ -31,7 +31,7 @@ defmodule Quichex.Connection.Statem do
   @behaviour :gen_statem
 
   alias Quichex.{Native, Telemetry}
-  alias Quichex.Connection.{Driver, Reports, Requests, Setup, State, UDP}
+  alias Quichex.Connection.{Datagrams, Driver, Reports, Requests, Setup, State, Streams, UDP}
 
   @drain_cap_ms 3_000
 
@@ -84,6 +84,13 @@ defmodule Quichex.Connection.Statem do
   def handshaking({:call, _from}, {:open_stream, _request}, _data),
     do: {:keep_state_and_data, :postpone}
 
+  # Whether the peer takes datagrams is known once the handshake completes.
+  def handshaking({:call, _from}, {:dgram_send, _bin}, _data),
+    do: {:keep_state_and_data, :postpone}
+
+  def handshaking({:call, _from}, :dgram_max_size, _data),
+    do: {:keep_state_and_data, :postpone}
+
   def handshaking({:timeout, :handshake}, :expired, data) do
     _ = Native.connection_close(data.native, false, 0, "handshake timeout")
     {data, _out} = Driver.flush(data)
@@ -109,6 +116,19 @@ defmodule Quichex.Connection.Statem do
     {:keep_state, data, open_timer(data)}
   end
 
+  def established({:call, from}, {:dgram_send, bin}, data) do
+    case Datagrams.send(data.dgrams, bin) do
+      {:ok, dgrams} ->
+        {:keep_state, Driver.schedule_pass(%{data | dgrams: dgrams}), {:reply, from, :ok}}
+
+      {:error, reason, dgrams} ->
+        {:keep_state, %{data | dgrams: dgrams}, {:reply, from, {:error, reason}}}
+    end
+  end
+
+  def established({:call, from}, :dgram_max_size, data),
+    do: {:keep_state_and_data, {:reply, from, Datagrams.max_size(data.dgrams)}}
+
   def established(type, content, data), do: common(:established, type, content, data)
 
   @doc false
@@ -119,6 +139,12 @@ defmodule Quichex.Connection.Statem do
     do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
 
   def draining({:call, from}, {:open_stream, _request}, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
+  def draining({:call, from}, {:dgram_send, _bin}, _data),
+    do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
+  def draining({:call, from}, {:dgram_recv, _timeout}, _data),
     do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
 
   def draining(type, content, data), do: common(:draining, type, content, data)
@@ -162,6 +188,26 @@ defmodule Quichex.Connection.Statem do
   defp common(_state, :info, {:timeout, _ref, {:write_timeout, id, ref}}, data),
     do: {:keep_state, Driver.expire_write(data, id, ref)}
 
+  defp common(_state, {:call, from}, {:dgram_recv, _timeout}, %State{active: true}),
+    do: {:keep_state_and_data, {:reply, from, {:error, :active}}}
+
+  defp common(_state, {:call, from}, {:dgram_recv, timeout}, data) do
+    case Datagrams.recv(data.dgrams, from, timeout) do
+      {:reply, reply, dgrams} -> {:keep_state, %{data | dgrams: dgrams}, {:reply, from, reply}}
+      {:wait, dgrams} -> {:keep_state, %{data | dgrams: dgrams}}
+    end
+  end
+
+  defp common(_state, :info, {:quichex_dgram_timeout, ref}, data),
+    do: {:keep_state, %{data | dgrams: Datagrams.expire(data.dgrams, ref)}}
+
+  # A connection handler's callback raised: close, as for an owner's exit.
+  defp common(state, :info, {:EXIT, pid, reason}, %State{runner: pid} = data)
+       when reason != :normal do
+    _ = Native.connection_close(data.native, true, Reports.owner_down_code(), "")
+    drive(state, %{data | runner: nil, closing: :owner_down}, [], false)
+  end
+
   defp common(_state, :info, {:EXIT, pid, reason}, data) do
     case Requests.stream_exit(data, pid, reason) do
       {:ok, data} -> {:keep_state, Driver.schedule_pass(data)}
@@ -186,6 +232,12 @@ defmodule Quichex.Connection.Statem do
   defp common(state, {:call, from}, :info, data),
     do: {:keep_state_and_data, {:reply, from, Reports.info(state, data)}}
 
+  defp common(_state, {:call, from}, :streams, data),
+    do: {:keep_state_and_data, {:reply, from, {:ok, Streams.pids(data.streams)}}}
+
+  defp common(_state, {:call, from}, :writable_streams, data),
+    do: {:keep_state_and_data, {:reply, from, Requests.writable_streams(data)}}
+
   defp common(state, {:call, from}, :state, _data),
     do: {:keep_state_and_data, {:reply, from, {:ok, state}}}
 
@@ -200,9 +252,12 @@ defmodule Quichex.Connection.Statem do
     end
   end
 
+  # The controlling process hands over; a connection without one (a
+  # Quichex.ConnectionHandler's) can be taken by any process, and the peer's
+  # streams that waited for an owner go to it.
   defp common(_state, {:call, from}, {:controlling_process, caller, pid}, data) do
     cond do
-      caller != data.owner ->
+      data.owner != nil and caller != data.owner ->
         {:keep_state_and_data, {:reply, from, {:error, :not_owner}}}
 
       not Process.alive?(pid) ->
@@ -210,6 +265,7 @@ defmodule Quichex.Connection.Statem do
 
       true ->
         if data.owner_ref, do: Process.demonitor(data.owner_ref, [:flush])
+        if data.owner == nil, do: Requests.adopt_streams(data, pid)
         data = %{data | owner: pid, owner_ref: Process.monitor(pid)}
         {:keep_state, data, {:reply, from, :ok}}
     end
@@ -227,7 +283,7 @@ defmodule Quichex.Connection.Statem do
   end
 
   defp open_timer(data) do
-    case Quichex.Connection.Streams.next_deadline(data.streams) do
+    case Streams.next_deadline(data.streams) do
       nil -> {{:timeout, :open_streams}, :infinity, :expired}
       deadline -> {{:timeout, :open_streams}, deadline, :expired, [abs: true]}
     end
@@ -306,7 +362,10 @@ defmodule Quichex.Connection.Statem do
 
   # A listener's handler: its connection process starts now, linked to us,
   # and becomes the controlling process.
-  defp start_handler(%State{handler: {module, options}, owner: nil} = data) do
+  defp start_handler(%State{handler: {:connection_handler, module}} = data),
+    do: %{data | runner: Quichex.ConnectionHandler.start_link(module, self(), data.peer)}
+
+  defp start_handler(%State{handler: {:handler, module, options}, owner: nil} = data) do
     pid = Quichex.Handler.ConnectionServer.start_link(module, options, self())
     %{data | owner: pid, owner_ref: Process.monitor(pid)}
   end
@@ -347,6 +406,7 @@ defmodule Quichex.Connection.Statem do
     if data.owns_socket, do: :socket.close(data.socket)
     unroute(data)
     Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, :closed}))
+    Datagrams.close(data.dgrams)
 
     Telemetry.stop(
       :connection,

@@ -29,6 +29,10 @@ defmodule Quichex.Handler.ConnectionServer do
     result(state.module.handle_connection(conn, state.state), state)
   end
 
+  def handle_info({:quic_dgram, conn, data}, %{conn: conn} = state) do
+    result(state.module.handle_datagram(data, conn, state.state), state)
+  end
+
   def handle_info({:quic_connection_closed, conn, _code, reason}, %{conn: conn} = state),
     do: closed(reason, state)
 

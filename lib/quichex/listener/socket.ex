@@ -248,10 +248,11 @@ defmodule Quichex.Listener.Socket do
       odcid: odcid,
       # A handler's connection process starts with the handshake and becomes
       # the owner then; in active mode the listener's owner is.
-      owner: if(opts.handler, do: nil, else: opts.owner),
-      handler: opts.handler && {opts.handler, opts.handler_options},
+      owner: if(opts.active, do: opts.owner),
+      handler: server_code(opts),
       active: true,
       stream_active: opts.stream_active,
+      dgrams: Quichex.Config.dgram_opts(opts.config),
       handshake_timeout: opts.handshake_timeout,
       listener: %{pid: opts.listener, mode: listener_mode(state), table: state.table},
       cids: cids,
@@ -268,7 +269,13 @@ defmodule Quichex.Listener.Socket do
     end
   end
 
-  defp listener_mode(%{opts: %{handler: nil}}), do: :active
+  defp server_code(%{handler: mod} = opts) when mod != nil,
+    do: {:handler, mod, opts.handler_options}
+
+  defp server_code(%{connection_handler: mod}) when mod != nil, do: {:connection_handler, mod}
+  defp server_code(_opts), do: nil
+
+  defp listener_mode(%{opts: %{active: true}}), do: :active
   defp listener_mode(_state), do: :handler
 
   # The sibling supervisors start after this process (rest_for_one), so they

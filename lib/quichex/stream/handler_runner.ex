@@ -78,7 +78,8 @@ defmodule Quichex.Stream.HandlerRunner do
     stream =
       if stream.send == :open do
         case Quichex.Stream.close(self()) do
-          :ok -> %{stream | send: :fin}
+          # :finished: the callback already sent our FIN.
+          result when result in [:ok, {:error, :finished}] -> %{stream | send: :fin}
           _error -> stream
         end
       else

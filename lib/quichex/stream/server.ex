@@ -82,6 +82,10 @@ defmodule Quichex.Stream.Server do
     Process.put(:quichex_stream, {state.conn, state.id, state.direction, state.initiator})
 
     case args.owner do
+      # Waits for {:quichex_adopt, owner} (Quichex.ConnectionHandler).
+      {:owner, nil} ->
+        loop(state)
+
       {:owner, owner} ->
         state = %{state | owner: owner, owner_ref: Process.monitor(owner)}
 
@@ -149,6 +153,16 @@ defmodule Quichex.Stream.Server do
   end
 
   defp handle(state, {:quic_send_done, :fin}), do: {:cont, %{state | send: :fin}}
+
+  # A stream the peer opened before its connection had a controlling
+  # process: the new controlling process owns it from now on.
+  defp handle(%{owner: nil, handler: nil} = state, {:quichex_adopt, owner}) do
+    state = set_owner(state, owner)
+    send(owner, {:quic_stream_opened, state.conn, self(), state.direction})
+    Receiver.deliver(state)
+  end
+
+  defp handle(state, {:quichex_adopt, _owner}), do: {:cont, state}
   defp handle(state, {:quic_conn_closed, reason}), do: conn_gone(state, reason)
 
   defp handle(%{conn: conn} = state, {:EXIT, conn, reason}),
@@ -219,6 +233,12 @@ defmodule Quichex.Stream.Server do
   defp call({:set_priority, urgency, incremental}, from, state) do
     cast_conn(state, {:priority, state.id, urgency, incremental})
     reply(from, :ok)
+    {:cont, state}
+  end
+
+  defp call(:readable?, from, state) do
+    pending_end? = (state.fin or state.reset != nil) and not state.recv_done
+    reply(from, state.buffered > 0 or pending_end?)
     {:cont, state}
   end
 

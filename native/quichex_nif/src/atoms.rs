@@ -24,6 +24,10 @@ rustler::atoms! {
     zero_rtt,
     short,
     version_negotiation,
+    // qlog levels
+    core,
+    base,
+    extra,
     // stream commands
     read,
     write,

@@ -88,11 +88,6 @@ const BOOL_OPTIONS: &[(&str, BoolSetter)] = &[
     ("verify_peer", |c, v| c.verify_peer(v)),
     ("grease", |c, v| c.grease(v)),
     ("discover_pmtu", |c, v| c.discover_pmtu(v)),
-    ("log_keys", |c, v| {
-        if v {
-            c.log_keys()
-        }
-    }),
     ("enable_early_data", |c, v| {
         if v {
             c.enable_early_data()
@@ -113,7 +108,17 @@ const FILE_OPTIONS: &[&str] = &[
 pub enum Cc {
     Reno,
     Cubic,
+    /// quiche 0.30's only BBR: BBRv2 from its gcongestion branch (`:bbr`
+    /// and `:bbr2` both choose it).
     Bbr2,
+}
+
+/// How much a qlog records (quiche's `QlogLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QlogLevel {
+    Core,
+    Base,
+    Extra,
 }
 
 /// One validated option.
@@ -126,6 +131,10 @@ pub enum Setting {
     Dgram(bool, usize, usize),
     File(&'static str, String),
     TicketKey(Vec<u8>),
+    /// Append TLS secrets (NSS key log format) to this file.
+    Keylog(String),
+    /// Write one qlog file per connection into this directory.
+    Qlog(String, QlogLevel),
 }
 
 impl Setting {
@@ -143,6 +152,8 @@ impl Setting {
             Setting::CcAlgorithm(_) => "cc_algorithm",
             Setting::Dgram(..) => "enable_dgram",
             Setting::TicketKey(_) => "ticket_key",
+            Setting::Keylog(_) => "keylog_file",
+            Setting::Qlog(..) => "qlog_dir",
         }
     }
 }
@@ -216,6 +227,11 @@ fn apply(cfg: &mut quiche::Config, s: &Setting) -> Result<()> {
         Setting::TicketKey(key) => cfg
             .set_ticket_key(key)
             .map_err(|_| Error::InvalidOption("ticket_key".into()))?,
+        // The file is opened per connection; the config only has to keep
+        // the TLS secrets around.
+        Setting::Keylog(_) => cfg.log_keys(),
+        // Opened per connection.
+        Setting::Qlog(..) => {}
     }
     Ok(())
 }
@@ -257,11 +273,7 @@ fn decode_setting(key: Term, value: Term) -> Result<Setting> {
         return Ok(Setting::Bool(n, v));
     }
     if let Some(n) = FILE_OPTIONS.iter().find(|n| **n == name) {
-        let path: String = value.decode().map_err(|_| invalid())?;
-        if path.is_empty() || path.contains('\0') {
-            return Err(invalid());
-        }
-        return Ok(Setting::File(n, path));
+        return Ok(Setting::File(n, path_value(value).ok_or_else(invalid)?));
     }
     match name.as_str() {
         "application_protos" => {
@@ -273,9 +285,21 @@ fn decode_setting(key: Term, value: Term) -> Result<Setting> {
             match atom.to_term(value.get_env()).atom_to_string().as_deref() {
                 Ok("reno") => Ok(Setting::CcAlgorithm(Cc::Reno)),
                 Ok("cubic") => Ok(Setting::CcAlgorithm(Cc::Cubic)),
-                Ok("bbr2") => Ok(Setting::CcAlgorithm(Cc::Bbr2)),
+                Ok("bbr") | Ok("bbr2") => Ok(Setting::CcAlgorithm(Cc::Bbr2)),
                 _ => Err(invalid()),
             }
+        }
+        "keylog_file" => Ok(Setting::Keylog(path_value(value).ok_or_else(invalid)?)),
+        "qlog_dir" => {
+            let (dir, level): (Term, Atom) = value.decode().map_err(|_| invalid())?;
+            let dir = path_value(dir).ok_or_else(invalid)?;
+            let level = match level.to_term(value.get_env()).atom_to_string().as_deref() {
+                Ok("core") => QlogLevel::Core,
+                Ok("base") => QlogLevel::Base,
+                Ok("extra") => QlogLevel::Extra,
+                _ => return Err(invalid()),
+            };
+            Ok(Setting::Qlog(dir, level))
         }
         "enable_dgram" => {
             let (enabled, recv, send): (bool, u64, u64) = value.decode().map_err(|_| invalid())?;
@@ -287,6 +311,12 @@ fn decode_setting(key: Term, value: Term) -> Result<Setting> {
         }
         _ => Err(invalid()),
     }
+}
+
+/// A non-empty path without NUL bytes.
+fn path_value(value: Term) -> Option<String> {
+    let path: String = value.decode().ok()?;
+    (!path.is_empty() && !path.contains('\0')).then_some(path)
 }
 
 fn decode_settings(opts: Term) -> Result<Vec<Setting>> {
@@ -311,8 +341,16 @@ fn encode_setting<'a>(env: Env<'a>, s: &Setting) -> Term<'a> {
             Cc::Bbr2 => crate::atoms::bbr2().encode(env),
         },
         Setting::Dgram(e, r, s) => (*e, *r, *s).encode(env),
-        Setting::File(_, path) => path.encode(env),
+        Setting::File(_, path) | Setting::Keylog(path) => path.encode(env),
         Setting::TicketKey(key) => bytes_term(env, key),
+        Setting::Qlog(dir, level) => {
+            let level = match level {
+                QlogLevel::Core => crate::atoms::core(),
+                QlogLevel::Base => crate::atoms::base(),
+                QlogLevel::Extra => crate::atoms::extra(),
+            };
+            (dir.as_str(), level).encode(env)
+        }
     };
     (key, value).encode(env)
 }
@@ -323,7 +361,24 @@ fn encode_setting<'a>(env: Env<'a>, s: &Setting) -> Term<'a> {
 pub struct ConfigResource {
     pub config: Mutex<quiche::Config>,
     pub settings: Vec<Setting>,
-    pub log_keys: bool,
+}
+
+impl ConfigResource {
+    /// The key log file, if TLS secrets are to be logged.
+    pub fn keylog(&self) -> Option<&str> {
+        self.settings.iter().find_map(|s| match s {
+            Setting::Keylog(path) => Some(path.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The qlog directory and level, if connections write qlogs.
+    pub fn qlog(&self) -> Option<(&str, QlogLevel)> {
+        self.settings.iter().find_map(|s| match s {
+            Setting::Qlog(dir, level) => Some((dir.as_str(), *level)),
+            _ => None,
+        })
+    }
 }
 
 #[rustler::resource_impl]
@@ -334,12 +389,10 @@ impl rustler::Resource for ConfigResource {}
 #[rustler::nif(schedule = "DirtyIo")]
 fn config_build(opts: Term) -> Result<ResourceArc<ConfigResource>> {
     let settings = decode_settings(opts)?;
-    let log_keys = settings.contains(&Setting::Bool("log_keys", true));
     let config = build(settings.clone())?;
     Ok(ResourceArc::new(ConfigResource {
         config: Mutex::new(config),
         settings,
-        log_keys,
     }))
 }
 

@@ -12,6 +12,7 @@ use rustler::{Binary, Env, NifMap, ResourceArc, Term};
 
 use crate::config::ConfigResource;
 use crate::error::{Error, Result};
+use crate::logs::Logs;
 use crate::stream::StreamTable;
 use crate::util::{bytes_term, cid, decode_addr, micros, unit_result, varint};
 
@@ -19,6 +20,10 @@ pub struct ConnInner {
     pub conn: quiche::Connection,
     pub local: SocketAddr,
     pub streams: StreamTable,
+    pub logs: Logs,
+    /// Datagrams read from quiche so far (quiche counts those it received:
+    /// the difference, less what is queued, was dropped by a full queue).
+    pub dgrams_read: u64,
 }
 
 pub struct ConnResource {
@@ -35,32 +40,21 @@ impl ConnResource {
 }
 
 fn new_resource(
-    conn: quiche::Connection,
+    mut conn: quiche::Connection,
+    config: &ConfigResource,
     local: SocketAddr,
     window: u64,
 ) -> ResourceArc<ConnResource> {
+    let logs = Logs::start(&mut conn, config);
     ResourceArc::new(ConnResource {
         inner: Mutex::new(ConnInner {
             conn,
             local,
             streams: StreamTable::new(window),
+            logs,
+            dgrams_read: 0,
         }),
     })
-}
-
-fn maybe_keylog(conn: &mut quiche::Connection, config: &ConfigResource) {
-    if !config.log_keys {
-        return;
-    }
-    if let Some(path) = std::env::var_os("SSLKEYLOGFILE") {
-        if let Ok(file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            conn.set_keylog(Box::new(file));
-        }
-    }
 }
 
 /// Starts a client connection. `server_name` is the SNI (nil for none);
@@ -83,10 +77,9 @@ fn connection_connect(
         }
     }
     let mut cfg = config.config.lock()?;
-    let mut conn = quiche::connect(server_name.as_deref(), &scid, local, peer, &mut cfg)?;
+    let conn = quiche::connect(server_name.as_deref(), &scid, local, peer, &mut cfg)?;
     drop(cfg);
-    maybe_keylog(&mut conn, &config);
-    Ok(new_resource(conn, local, window))
+    Ok(new_resource(conn, &config, local, window))
 }
 
 /// Accepts a server connection; `odcid` is the original destination CID when
@@ -108,10 +101,9 @@ fn connection_accept(
     let local = decode_addr(local)?;
     let peer = decode_addr(peer)?;
     let mut cfg = config.config.lock()?;
-    let mut conn = quiche::accept(&scid, odcid.as_ref(), local, peer, &mut cfg)?;
+    let conn = quiche::accept(&scid, odcid.as_ref(), local, peer, &mut cfg)?;
     drop(cfg);
-    maybe_keylog(&mut conn, &config);
-    Ok(new_resource(conn, local, window))
+    Ok(new_resource(conn, &config, local, window))
 }
 
 /// Closes the connection with an application (`app? = true`) or transport

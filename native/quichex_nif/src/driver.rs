@@ -29,6 +29,8 @@ const MAX_GSO_BYTES: usize = 65_000;
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Most packets one flush produces.
 const MAX_SEND_PACKETS: usize = 256;
+/// Most datagrams (RFC 9221) one poll reads.
+const MAX_DGRAMS_READ: usize = 1024;
 
 thread_local! {
     /// Packet buffer shared by every connection handled on this scheduler
@@ -50,6 +52,14 @@ struct Poll<'a> {
     more: bool,
     peer_streams_left_bidi: u64,
     peer_streams_left_uni: u64,
+    /// DATAGRAM payloads received, in order.
+    dgrams: Vec<Term<'a>>,
+    /// Datagrams quiche dropped because its receive queue was full, so far.
+    dgrams_dropped: u64,
+    /// Packets declared lost so far.
+    packets_lost: usize,
+    /// Why a key log or qlog failed, reported once.
+    log_failure: Option<String>,
 }
 
 /// One poll: `packets` is `[{from, data, segment_size}]` (a non-zero segment
@@ -110,8 +120,16 @@ fn connection_poll<'a>(
         }
     }
 
+    let dgrams = read_dgrams(env, inner);
+    let log_failure = inner.logs.take_failure();
     let c = &inner.conn;
+    let stats = c.stats();
+    let queued = c.dgram_recv_queue_len() as u64;
     Ok(Poll {
+        dgrams,
+        dgrams_dropped: (stats.dgram_recv as u64).saturating_sub(inner.dgrams_read + queued),
+        packets_lost: stats.lost,
+        log_failure,
         established: c.is_established(),
         draining: c.is_draining(),
         closed: c.is_closed(),
@@ -121,6 +139,27 @@ fn connection_poll<'a>(
         peer_streams_left_bidi: c.peer_streams_left_bidi(),
         peer_streams_left_uni: c.peer_streams_left_uni(),
     })
+}
+
+/// Takes received DATAGRAM payloads out of quiche's queue.
+fn read_dgrams<'a>(env: Env<'a>, inner: &mut ConnInner) -> Vec<Term<'a>> {
+    let mut out = Vec::new();
+    while out.len() < MAX_DGRAMS_READ {
+        let Some(len) = inner.conn.dgram_recv_front_len() else {
+            break;
+        };
+        let Some(mut bin) = rustler::OwnedBinary::new(len) else {
+            break;
+        };
+        match inner.conn.dgram_recv(bin.as_mut_slice()) {
+            Ok(n) if n == len => {
+                inner.dgrams_read += 1;
+                out.push(bin.release(env).encode(env));
+            }
+            _ => break,
+        }
+    }
+    out
 }
 
 /// Feeds received datagrams to quiche. Every datagram given is processed
@@ -165,16 +204,26 @@ struct Flush<'a> {
     /// quiche's next timer, in milliseconds.
     timeout: Option<u64>,
     closed: bool,
+    /// The largest DATAGRAM payload that fits now; nil when the peer does
+    /// not accept datagrams (or the handshake has not told yet).
+    dgram_max: Option<usize>,
+    /// DATAGRAMs waiting in quiche's send queue.
+    dgram_queued: usize,
+    /// DATAGRAMs given that quiche refused (too big for the path now).
+    dgrams_refused: usize,
 }
 
 /// Writes `[{stream_id, data, fin?}]` (several writes for one stream go in
-/// order; after one that did not fit, the rest of that stream's get 0) and
-/// runs quiche's send loop for at most `max_packets` packets.
+/// order; after one that did not fit, the rest of that stream's get 0),
+/// queues the DATAGRAM payloads `dgrams`, and runs quiche's send loop for at
+/// most `max_packets` packets, so datagrams leave in the same GSO batches as
+/// stream data.
 #[rustler::nif]
 fn connection_flush<'a>(
     env: Env<'a>,
     conn: ResourceArc<ConnResource>,
     writes: Vec<(u64, Binary<'a>, bool)>,
+    dgrams: Vec<Binary<'a>>,
     max_packets: usize,
 ) -> Result<Flush<'a>> {
     let writes = writes
@@ -204,6 +253,13 @@ fn connection_flush<'a>(
         results.push(report);
     }
 
+    let mut dgrams_refused = 0;
+    for dgram in &dgrams {
+        if inner.conn.dgram_send(dgram.as_slice()).is_err() {
+            dgrams_refused += 1;
+        }
+    }
+
     let max_packets = max_packets.clamp(1, MAX_SEND_PACKETS);
     let mtu = inner.conn.max_send_udp_payload_size().max(1200);
     let needed = max_packets * mtu;
@@ -227,6 +283,9 @@ fn connection_flush<'a>(
         more,
         timeout: inner.conn.timeout().map(ceil_millis),
         closed: inner.conn.is_closed(),
+        dgram_max: inner.conn.dgram_max_writable_len(),
+        dgram_queued: inner.conn.dgram_send_queue_len(),
+        dgrams_refused,
     })
 }
 

@@ -8,6 +8,7 @@ mod config;
 mod connection;
 mod driver;
 mod error;
+mod logs;
 mod packet;
 mod stream;
 mod util;

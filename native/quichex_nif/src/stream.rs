@@ -139,6 +139,20 @@ fn connection_stream_priority(
     unit_result(env, r)
 }
 
+/// Which of `ids` quiche would take data for now (send capacity above 0).
+#[rustler::nif]
+fn connection_writable_streams(conn: ResourceArc<ConnResource>, ids: Vec<u64>) -> Result<Vec<u64>> {
+    let mut guard = conn.lock()?;
+    let c = &mut guard.conn;
+    let mut writable = Vec::new();
+    for id in ids {
+        if matches!(c.stream_capacity(check_id(id)?), Ok(n) if n > 0) {
+            writable.push(id);
+        }
+    }
+    Ok(writable)
+}
+
 /// What the Elixir side asks of a stream before a poll.
 pub enum Command {
     /// STOP_SENDING with a code; nothing more is read.
