@@ -221,6 +221,111 @@ defmodule Quichex.FaultInjectionTest do
     assert_faults(ctx, [:dropped])
   end
 
+  defmodule DgramEcho do
+    # Echoes datagrams, and streams like Echo.
+    use Quichex.Handler
+
+    @impl Quichex.Handler
+    def handle_datagram(data, conn, state) do
+      _ = Quichex.Connection.dgram_send(conn, data)
+      {:continue, state}
+    end
+
+    @impl Quichex.Handler
+    def handle_data(data, stream, state) do
+      :ok = Quichex.Stream.send(stream, data, timeout: 60_000)
+      {:continue, state}
+    end
+
+    @impl Quichex.Handler
+    def handle_fin(stream, state) do
+      :ok = Quichex.Stream.close(stream, timeout: 60_000)
+      {:close, state}
+    end
+  end
+
+  @tag matrix: {"fault: 1,000 datagrams at 10% loss", "quichex", "both"}
+  test "h: datagrams at 10% loss arrive intact, once, and the connection stays healthy" do
+    {listener, listener_port} =
+      start_listener(
+        handler: DgramEcho,
+        config_opts: [enable_dgram: true],
+        handshake_timeout: @handshake_timeout
+      )
+
+    on_exit(fn -> Listener.stop(listener) end)
+
+    {:ok, proxy, port} =
+      FaultProxy.start_link(upstream: {@loopback, listener_port}, seed: 8001, drop: 0.1)
+
+    {:ok, conn} =
+      Connection.connect(
+        host: "localhost",
+        port: port,
+        local_address: @loopback,
+        config: client_config(enable_dgram: true),
+        handshake_timeout: @handshake_timeout
+      )
+
+    :ok = Connection.wait_connected(conn, timeout: @handshake_timeout)
+    ctx = %{proxy: proxy, conn: conn, listener: listener, server_conn: nil}
+
+    sent =
+      Map.new(1..1_000, fn i ->
+        body = :crypto.strong_rand_bytes(900)
+        payload = <<i::32, :erlang.md5(body)::binary, body::binary>>
+        {i, payload}
+      end)
+
+    started = now()
+
+    for {_i, payload} <- Enum.sort(sent) do
+      send_dgram(conn, payload, now() + 10_000)
+    end
+
+    echoes = collect_dgrams(conn, [], 0, now() + 20_000)
+    ids = for <<i::32, _::binary>> <- echoes, do: i
+
+    for <<i::32, digest::binary-16, body::binary>> = echo <- echoes do
+      assert Map.fetch!(sent, i) == echo
+      assert :erlang.md5(body) == digest
+    end
+
+    assert length(ids) == length(Enum.uniq(ids)), "duplicated datagrams"
+    # Two passes through 10% loss: about 81% expected.
+    assert length(ids) >= 600, "only #{length(ids)} of 1000 echoes came back\n" <> diag(ctx)
+    IO.puts("FAULTINFO h_dgram_loss10 echoed=#{length(ids)}/1000")
+    report("h_dgram_loss10", length(ids) * 900, now() - started)
+    assert_faults(ctx, [:dropped])
+
+    # The connection still carries a stream.
+    echo!(%{ctx | listener: nil}, "h_dgram_after", 10_000)
+  end
+
+  defp send_dgram(conn, payload, deadline) do
+    case Connection.dgram_send(conn, payload) do
+      :ok ->
+        :ok
+
+      {:error, :queue_full} ->
+        if now() > deadline, do: flunk("the datagram queue never drained")
+        Process.sleep(1)
+        send_dgram(conn, payload, deadline)
+    end
+  end
+
+  # Echoes until all 1000 came, none came for a second (the rest were
+  # lost), or the deadline.
+  defp collect_dgrams(_conn, acc, 1_000, _deadline), do: Enum.reverse(acc)
+
+  defp collect_dgrams(conn, acc, n, deadline) do
+    receive do
+      {:quic_dgram, ^conn, data} -> collect_dgrams(conn, [data | acc], n + 1, deadline)
+    after
+      min(1_000, max(deadline - now(), 0)) -> Enum.reverse(acc)
+    end
+  end
+
   @tag matrix: {"fault: 10% corrupted datagrams", "quichex", "both"}
   test "d: 10% corrupted datagrams crash neither side" do
     ctx = our_pair(4001, [corrupt: 0.10], connect: false)

@@ -342,7 +342,7 @@ defmodule Quichex.Config do
   @doc false
   # The `[{name, value}]` list the NIF decodes: every option that is set or
   # has a library default, with role-dependent defaults resolved.
-  def to_native(%__MODULE__{} = config, role) do
+  def to_native(%__MODULE__{} = config, role, keylog_env \\ System.get_env("SSLKEYLOGFILE")) do
     dgram =
       {:enable_dgram,
        {get(config, :enable_dgram), get(config, :dgram_recv_queue_len),
@@ -361,7 +361,7 @@ defmodule Quichex.Config do
       end
 
     keylog =
-      case get(config, :keylog_file) || System.get_env("SSLKEYLOGFILE") do
+      case get(config, :keylog_file) || keylog_env do
         path when is_binary(path) and path != "" -> [{:keylog_file, path}]
         _ -> []
       end

@@ -18,15 +18,30 @@ defmodule Quichex.Telemetry do
     * `[:quichex, :connection, :start]` - a connection process started.
       Measurements: `%{monotonic_time: integer, system_time: integer}`.
       Metadata: `%{connection: pid, role: :client | :server, peer_address: {ip, port}}`.
-    * `[:quichex, :connection, :handshake]` - the handshake completed.
+    * `[:quichex, :connection, :handshake]` - the handshake completed (the
+      connection is established).
       Measurements: `%{duration: integer}` (native units, since start).
       Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}, alpn: binary, retry: boolean}`.
-    * `[:quichex, :connection, :stop]` - a connection process ended.
+    * `[:quichex, :connection, :stop]` - a connection process ended (closed).
       Measurements: `%{monotonic_time: integer, duration: integer, bytes_sent: integer,
       bytes_received: integer, packets_sent: integer, packets_received: integer,
       packets_lost: integer}`.
       Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}, reason: term}`,
       where `reason` is the close reason delivered to the owner.
+    * `[:quichex, :connection, :packets_lost]` - quiche declared packets lost
+      since the last driver pass (at most one event per pass).
+      Measurements: `%{count: integer, total: integer}` (new losses, losses so far).
+      Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}}`.
+    * `[:quichex, :connection, :datagrams_dropped]` - DATAGRAM frames were
+      dropped in a driver pass: received ones a full queue could not keep,
+      or ones to send that the send queue or the path refused.
+      Measurements: `%{count: integer}`.
+      Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}}`.
+    * `[:quichex, :connection, :log_failed]` - the connection's key log or
+      qlog file could not be opened or written (reported once per
+      connection; the connection is not affected).
+      Measurements: `%{}`.
+      Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}, reason: String.t()}`.
 
   ## Stream
 

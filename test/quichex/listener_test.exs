@@ -252,4 +252,83 @@ defmodule Quichex.ListenerTest do
 
     Listener.stop(listener)
   end
+
+  defmodule WaitingConnHandler do
+    # Reports each connection and takes it only when told to.
+    @behaviour Quichex.ConnectionHandler
+
+    @impl true
+    def handle_connection(conn, peer) do
+      [{:test, test}] = :ets.lookup(:quichex_listener_test, :test)
+      send(test, {:connection, conn, peer, self()})
+
+      receive do
+        {:take, pid} -> Quichex.Connection.controlling_process(conn, pid)
+        {:fail, reason} -> {:error, reason}
+        :raise -> raise "handler failed"
+      end
+    end
+  end
+
+  describe "connection_handler" do
+    setup do
+      if :ets.whereis(:quichex_listener_test) == :undefined,
+        do: :ets.new(:quichex_listener_test, [:named_table, :public])
+
+      :ets.insert(:quichex_listener_test, {:test, self()})
+      {listener, port} = start_listener(connection_handler: WaitingConnHandler)
+      on_exit(fn -> Listener.stop(listener) end)
+      %{listener: listener, port: port}
+    end
+
+    test "streams the peer opens before anyone takes the connection wait for its owner", ctx do
+      client = connect!(ctx.port)
+      assert_receive {:connection, server, _peer, runner}
+      {:ok, stream} = Connection.open_stream(client)
+      :ok = Quichex.Stream.send(stream, "early", fin: true)
+      refute_receive {:quic_stream_opened, _, _, _}, 100
+
+      send(runner, {:take, self()})
+      assert_receive {:quic_stream_opened, ^server, peer, :bidirectional}, 2_000
+      assert_receive {:quic_stream, ^server, ^peer, "early"}
+      assert_receive {:quic_stream_fin, ^server, ^peer}
+      assert {:ok, [^server]} = Listener.connections(ctx.listener)
+    end
+
+    test "{:error, reason} closes the connection with the handler error code", ctx do
+      {:ok, client} =
+        Connection.connect(host: "localhost", port: ctx.port, config: client_config())
+
+      assert_receive {:connection, _server, _peer, runner}
+      send(runner, {:fail, :no})
+      code = Quichex.Handler.error_code()
+      assert_receive {:quic_connection_closed, ^client, ^code, %Quichex.ApplicationError{}}, 2_000
+    end
+
+    test "a raising callback closes its connection with code 0", ctx do
+      {:ok, client} =
+        Connection.connect(host: "localhost", port: ctx.port, config: client_config())
+
+      assert_receive {:connection, _server, _peer, runner}
+
+      ExUnit.CaptureLog.capture_log(fn ->
+        send(runner, :raise)
+        assert_receive {:quic_connection_closed, ^client, 0, %Quichex.ApplicationError{}}, 2_000
+      end)
+    end
+
+    test "it cannot be combined with :handler, and must exist" do
+      assert_raise ArgumentError, ~r/:connection_handler/, fn ->
+        Listener.start_link(config: server_config(), connection_handler: NoSuchModule)
+      end
+
+      assert_raise ArgumentError, ~r/not both/, fn ->
+        Listener.start_link(
+          config: server_config(),
+          connection_handler: WaitingConnHandler,
+          handler: Quichex.HandlerTest.Echo
+        )
+      end
+    end
+  end
 end

@@ -210,6 +210,70 @@ defmodule Quichex.StreamTest do
     end
   end
 
+  defmodule Finisher do
+    # Tells the test when each stream's FIN arrived.
+    use Quichex.Handler
+
+    @impl Quichex.Handler
+    def handle_fin(stream, %{test: test} = state) do
+      {:ok, %{id: id}} = Quichex.Stream.info(stream)
+      send(test, {:finished, id})
+      {:close, state}
+    end
+  end
+
+  describe "priorities (RFC 9218)" do
+    test "of two streams competing, the urgent one completes first, though it started last" do
+      # The connection's flow-control window is the bottleneck, so who gets
+      # its credit first decides who finishes first.
+      {listener, port} =
+        start_listener(
+          handler: Finisher,
+          handler_options: %{test: self()},
+          config_opts: [initial_max_data: 200_000, max_connection_window: 200_000]
+        )
+
+      on_exit(fn -> Listener.stop(listener) end)
+      conn = connect!(port)
+      payload = :crypto.strong_rand_bytes(8_000_000)
+
+      {:ok, slow} = open(conn, :bidirectional, priority: [urgency: 7])
+      {:ok, urgent} = open(conn, :bidirectional)
+      :ok = Stream.set_priority(urgent, urgency: 0, incremental: false)
+      {:ok, %{id: slow_id}} = Stream.info(slow)
+      {:ok, %{id: urgent_id}} = Stream.info(urgent)
+
+      senders =
+        for stream <- [slow, urgent] do
+          task = Task.async(fn -> Stream.send(stream, payload, fin: true, timeout: 30_000) end)
+          # The slow stream gets a head start.
+          Process.sleep(if stream == slow, do: 20, else: 0)
+          task
+        end
+
+      assert_receive {:finished, first}, 30_000
+      assert_receive {:finished, second}, 30_000
+      assert {first, second} == {urgent_id, slow_id}
+      assert [:ok, :ok] = Task.await_many(senders, 30_000)
+    end
+
+    test "bad priorities raise ArgumentError naming the option" do
+      {client, _server} = pair()
+
+      assert_raise ArgumentError, ~r/:urgency/, fn ->
+        open(client, :bidirectional, priority: [urgency: 8])
+      end
+
+      assert_raise ArgumentError, ~r/:incremental/, fn ->
+        open(client, :bidirectional, priority: [incremental: 1])
+      end
+
+      {:ok, stream} = open(client)
+      assert_raise ArgumentError, ~r/:urgency/, fn -> Stream.set_priority(stream, urgency: -1) end
+      assert_raise ArgumentError, fn -> Stream.set_priority(stream, bogus: 1) end
+    end
+  end
+
   describe "unidirectional" do
     test "both ways" do
       {client, server} = pair()

@@ -27,7 +27,9 @@ defmodule Quichex.Connection.Datagrams do
             waiters: [],
             dropped_recv: 0,
             dropped_send: 0,
-            quiche_dropped: 0
+            quiche_dropped: 0,
+            # drops already told to telemetry
+            dropped_reported: 0
 
   @type t :: %__MODULE__{}
 
@@ -160,8 +162,11 @@ defmodule Quichex.Connection.Datagrams do
     %{d | waiters: []}
   end
 
-  @doc "Payloads dropped so far (for the datagrams_dropped event)."
-  def dropped(d), do: d.dropped_recv + d.quiche_dropped + d.dropped_send
+  @doc "Payloads dropped since the last call: `{count, d}` (for the datagrams_dropped event)."
+  def take_dropped(d) do
+    total = d.dropped_recv + d.quiche_dropped + d.dropped_send
+    {total - d.dropped_reported, %{d | dropped_reported: total}}
+  end
 
   @doc "Counters for stats/1."
   def stats(d) do

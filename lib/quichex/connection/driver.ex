@@ -185,12 +185,13 @@ defmodule Quichex.Connection.Driver do
   batches. Returns `{data, %{timeout: ms | nil, closed: boolean}}`.
   """
   def flush(%State{} = data) do
-    {writes, keys} = WriteQueue.batch(data.writes)
+    # By urgency; streams of equal urgency in a fresh order each pass.
+    salt = :erlang.unique_integer()
+    rank = &{Streams.urgency(data.streams, &1), :erlang.phash2({&1, salt})}
+    {writes, keys} = WriteQueue.batch(data.writes, rank)
     {dgrams, dgram_state} = Datagrams.take_out(data.dgrams)
-    dropped = Datagrams.dropped(data.dgrams)
     {:ok, out} = Native.connection_flush(data.native, writes, dgrams, @send_budget)
-    data = %{data | dgrams: Datagrams.flushed(dgram_state, out)}
-    data = dropped_event(data, dropped)
+    data = dropped_event(%{data | dgrams: Datagrams.flushed(dgram_state, out)})
     data = apply_writes(data, keys, out.writes)
     data = send_batches(data, out.batches)
 
@@ -213,12 +214,11 @@ defmodule Quichex.Connection.Driver do
       else: {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
   end
 
-  # Datagrams dropped since `before` (the count before this pass): one
-  # telemetry event per pass that dropped any.
-  defp dropped_event(data, before) do
-    now = Datagrams.dropped(data.dgrams)
-    if now > before, do: Reports.event(data, :datagrams_dropped, %{count: now - before})
-    data
+  # One telemetry event per pass that dropped datagrams.
+  defp dropped_event(data) do
+    {count, dgrams} = Datagrams.take_dropped(data.dgrams)
+    if count > 0, do: Reports.event(data, :datagrams_dropped, %{count: count})
+    %{data | dgrams: dgrams}
   end
 
   defp apply_writes(data, [], _results), do: data

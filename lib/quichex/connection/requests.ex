@@ -23,7 +23,7 @@ defmodule Quichex.Connection.Requests do
     start_stream(data, id, owner, data.stream_active, :remote)
   end
 
-  defp start_stream(data, id, owner, active, initiator) do
+  defp start_stream(data, id, owner, active, initiator, urgency \\ 3) do
     pid =
       StreamServer.start_link(%{
         conn: self(),
@@ -37,7 +37,7 @@ defmodule Quichex.Connection.Requests do
         window: Driver.window()
       })
 
-    %{data | streams: Streams.put(data.streams, id, pid)}
+    %{data | streams: Streams.put(data.streams, id, pid, urgency)}
   end
 
   @doc "`{:ok, pids}` of the streams quiche would take data for now (see writable_streams/2)."
@@ -70,7 +70,7 @@ defmodule Quichex.Connection.Requests do
     case Native.connection_stream_open(data.native, id, request.urgency, request.incremental) do
       :ok ->
         active = if request.active == nil, do: data.active, else: request.active
-        data = start_stream(data, id, {:owner, request.owner}, active, :local)
+        data = start_stream(data, id, {:owner, request.owner}, active, :local, request.urgency)
         :gen_statem.reply(from, {:ok, Streams.pid(data.streams, id)})
         %{data | streams: Streams.advance(data.streams, kind)}
 
@@ -166,7 +166,7 @@ defmodule Quichex.Connection.Requests do
 
   def stream_message(%State{} = data, {:priority, id, urgency, incremental}) do
     _ = Native.connection_stream_priority(data.native, id, urgency, incremental)
-    data
+    %{data | streams: Streams.set_urgency(data.streams, id, urgency)}
   end
 
   def stream_message(%State{} = data, _unknown), do: data

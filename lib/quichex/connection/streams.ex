@@ -14,12 +14,14 @@ defmodule Quichex.Connection.Streams do
     @moduledoc false
     # `send`: :open, or why the sending side is closed: :fin (our FIN was
     # accepted), {:stopped, code} (the peer's STOP_SENDING), :reset (we
-    # reset it) or :none (a stream we can only receive on).
-    defstruct [:pid, send: :open]
+    # reset it) or :none (a stream we can only receive on). `urgency`: its
+    # RFC 9218 urgency, which also orders our writes into quiche.
+    defstruct [:pid, send: :open, urgency: 3]
 
     @type t :: %__MODULE__{
             pid: pid(),
-            send: :open | :fin | :reset | :none | {:stopped, non_neg_integer()}
+            send: :open | :fin | :reset | :none | {:stopped, non_neg_integer()},
+            urgency: 0..7
           }
   end
 
@@ -67,8 +69,8 @@ defmodule Quichex.Connection.Streams do
 
   ## Table
 
-  def put(t, id, pid) do
-    entry = %Entry{pid: pid, send: if(can_send?(t, id), do: :open, else: :none)}
+  def put(t, id, pid, urgency \\ 3) do
+    entry = %Entry{pid: pid, send: if(can_send?(t, id), do: :open, else: :none), urgency: urgency}
     %{t | by_id: Map.put(t.by_id, id, entry), by_pid: Map.put(t.by_pid, pid, id)}
   end
 
@@ -94,6 +96,21 @@ defmodule Quichex.Connection.Streams do
     case t.by_id do
       %{^id => entry} -> %{t | by_id: Map.put(t.by_id, id, %{entry | send: send})}
       _ -> t
+    end
+  end
+
+  def set_urgency(t, id, urgency) do
+    case t.by_id do
+      %{^id => entry} -> %{t | by_id: Map.put(t.by_id, id, %{entry | urgency: urgency})}
+      _ -> t
+    end
+  end
+
+  @doc "The urgency of stream `id` (the default for one we do not know)."
+  def urgency(t, id) do
+    case t.by_id do
+      %{^id => %Entry{urgency: urgency}} -> urgency
+      _ -> 3
     end
   end
 

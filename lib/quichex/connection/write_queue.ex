@@ -42,14 +42,21 @@ defmodule Quichex.Connection.WriteQueue do
   def unblock(q), do: %{q | blocked: false}
 
   @doc """
-  The writes to hand the NIF now, in order: `[{id, data, fin}]`, with the
-  `[{id, ref}]` that identifies each. Nothing while blocked.
+  The writes to hand the NIF now: `[{id, data, fin}]`, with the
+  `[{id, ref}]` that identifies each. Nothing while blocked. Streams come in
+  the order `rank` (a function of the stream id) gives: quiche can only
+  prioritize data it has taken, and under flow control the first stream
+  written takes the credit.
   """
-  def batch(%__MODULE__{blocked: true}), do: {[], []}
+  def batch(%__MODULE__{blocked: true}, _rank), do: {[], []}
 
-  def batch(q) do
-    pairs = for {id, writes} <- q.by_id, w <- writes, do: {{id, w.data, w.fin}, {id, w.ref}}
-    Enum.unzip(pairs)
+  def batch(q, rank) do
+    q.by_id
+    |> Enum.sort_by(fn {id, _} -> rank.(id) end)
+    |> Enum.flat_map(fn {id, writes} ->
+      for w <- writes, do: {{id, w.data, w.fin}, {id, w.ref}}
+    end)
+    |> Enum.unzip()
   end
 
   @doc """

@@ -47,6 +47,8 @@ defmodule Quichex.Stream.Receiver do
   @doc "Hands whatever is due to the handler, the owner (active) or a waiting reader."
   def deliver(%{recv_done: true} = state), do: {:cont, state}
   def deliver(%{handler: handler} = state) when handler != nil, do: HandlerRunner.deliver(state)
+  # No owner yet (Quichex.ConnectionHandler): hold everything for the owner.
+  def deliver(%{owner: nil} = state), do: {:cont, give_credit(state)}
   def deliver(%{active: false} = state), do: {:cont, state |> serve_reader() |> give_credit()}
 
   def deliver(%{buffered: n} = state) when n > 0 do
