@@ -6,6 +6,7 @@ defmodule Quichex.Application do
   def start(_type, _args) do
     # Owned by the application master's process tree: lives as long as the app.
     Quichex.Config.create_cache()
+    Quichex.Connection.Datagrams.create_table()
 
     children = [
       # Client connections, partitioned per scheduler so concurrent connects

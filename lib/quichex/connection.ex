@@ -34,6 +34,23 @@ defmodule Quichex.Connection do
       default: [],
       doc:
         "Options for streams the peer opens: `[active: true | false | :once | n]` (default: the connection's `:active`)."
+    ],
+    session: [
+      type: :binary,
+      default: nil,
+      doc:
+        "A session ticket from an earlier connection to the same server (`session/2`, `{:quic_session_ticket, ...}`): resume it (no certificate exchange; `info/2` reports `resumed: true`)."
+    ],
+    early_data: [
+      type: :boolean,
+      default: false,
+      doc:
+        "With `:session` and `enable_early_data` in the config: open streams and send at once, as 0-RTT data, before the handshake completes. The outcome arrives as `{:quic_early_data, conn, :accepted | {:rejected, reason}}`; data the server rejected is sent again after the handshake."
+    ],
+    connection_id_generator: [
+      type: :any,
+      default: nil,
+      doc: "A `Quichex.CIDGenerator` module, or `{module, options}`, for our connection IDs."
     ]
   ]
 
@@ -100,6 +117,19 @@ defmodule Quichex.Connection do
       error; `reason: :idle_timeout` for the idle timer).
     * `{:quic_stream_opened, conn, stream, direction}` - the peer opened a
       stream, now owned by the controlling process; see `Quichex.Stream`.
+    * `{:quic_dgram, conn, data}` - a DATAGRAM frame arrived (see `dgram_send/3`).
+    * `{:quic_session_ticket, conn, ticket}` - (clients) the server sent a
+      session ticket: pass it as `:session` to a later `connect/1` to resume.
+    * `{:quic_early_data, conn, :accepted | {:rejected, reason}}` - what the
+      server did with the 0-RTT data of a client that sent some (servers get
+      it too when a client offered 0-RTT); `info/2` has `early_data`.
+    * `{:quic_path_created, conn, path_id, local, peer}`,
+      `{:quic_path_validated, conn, path_id}`,
+      `{:quic_path_failed, conn, path_id, reason}` - network paths (see
+      `migrate/3`); a server learns a client's new path this way.
+    * `{:quic_peer_migrated, conn, old_peer, new_peer}` - (servers) the
+      client moved to a new address (NAT rebinding or `migrate/3`) and the
+      connection followed it.
 
   The controlling process is monitored: when it exits, the connection closes
   with application error 0 and the process exits.
@@ -112,7 +142,7 @@ defmodule Quichex.Connection do
 
   alias Quichex.{Config, TransportError}
   alias Quichex.Config.Schema
-  alias Quichex.Connection.Statem
+  alias Quichex.Connection.{CID, Statem}
 
   @type t :: pid()
 
@@ -159,7 +189,10 @@ defmodule Quichex.Connection do
         active: opts.active,
         stream_active: stream_active,
         handshake_timeout: opts.handshake_timeout,
-        dgrams: Config.dgram_opts(opts.config)
+        dgrams: Config.dgram_opts(opts.config),
+        session: opts.session,
+        early_data: opts.early_data and Config.get(opts.config, :enable_early_data),
+        cid_generator: CID.generator!(opts.connection_id_generator, :connection_id_generator)
       }
 
       sup = {:via, PartitionSupervisor, {Quichex.ConnectionSupervisor, self()}}
@@ -341,6 +374,127 @@ defmodule Quichex.Connection do
           "invalid direction: expected :bidirectional or :unidirectional, got: #{inspect(direction)}"
   end
 
+  ## Resumption, 0-RTT, migration, connection IDs
+
+  @doc """
+  The latest session ticket the server sent (clients): `{:ok, ticket}` or
+  `{:error, :no_ticket}`. A ticket is an opaque binary: store it and pass
+  it as `:session` to `connect/1` to resume.
+
+      {:ok, ticket} = Quichex.Connection.session(conn)
+      {:ok, again} = Quichex.Connection.connect(host: "localhost", port: 4433, config: config, session: ticket)
+  """
+  @spec session(t(), keyword()) :: {:ok, binary()} | {:error, term()}
+  def session(conn, opts \\ []), do: call(conn, :session, timeout_opt(opts))
+
+  @doc """
+  Moves a client connection to a new local address: opens a UDP socket on
+  `local_address` (`{ip, port}`, port 0 for any, or just an IP), probes the
+  path to `peer_address` (default: the current peer) and switches to it once
+  the peer answered. Returns `{:ok, path_id}` once the connection uses the
+  new path, or `{:error, reason}` and the connection stays where it was:
+  `:validation_failed`, `:migration_disabled` (the server's
+  `disable_active_migration`), `:out_of_identifiers` (the server gave no
+  spare connection ID), `:server` (only clients migrate), `:timeout` (the
+  call's `:timeout`, default 5000 ms). Path events reach the owner as well.
+
+      {:ok, path_id} = Quichex.Connection.migrate(conn, {{127, 0, 0, 1}, 0})
+  """
+  @spec migrate(t(), term(), term(), keyword()) :: {:ok, non_neg_integer()} | {:error, term()}
+  def migrate(conn, local_address, peer_address \\ nil, opts \\ []) do
+    probe(conn, :migrate, local_address, peer_address, opts)
+  end
+
+  @doc """
+  Validates the path from `local_address` to `peer_address` (a new UDP
+  socket of ours, as for `migrate/3`) without moving to it: `{:ok, path_id}`
+  once the peer answered, `{:error, reason}` otherwise.
+
+      {:ok, path_id} = Quichex.Connection.probe_path(conn, {{127, 0, 0, 1}, 0}, nil)
+  """
+  @spec probe_path(t(), term(), term(), keyword()) :: {:ok, non_neg_integer()} | {:error, term()}
+  def probe_path(conn, local_address, peer_address, opts \\ []) do
+    probe(conn, :probe, local_address, peer_address, opts)
+  end
+
+  defp probe(conn, kind, local, peer, opts) do
+    local = address!(local, :local_address, 0)
+    peer = if peer == nil, do: nil, else: address!(peer, :peer_address, nil)
+    timeout = timeout_opt(opts)
+    call(conn, {:probe, kind, local, peer}, timeout)
+  end
+
+  defp address!({ip, port} = addr, option, _default) when is_tuple(ip) and is_integer(port) do
+    if valid_ip?(ip) and port in 0..65_535, do: addr, else: bad_address!(addr, option)
+  end
+
+  defp address!(ip, option, default) when is_tuple(ip) and is_integer(default),
+    do: address!({ip, default}, option, default)
+
+  defp address!(other, option, _default), do: bad_address!(other, option)
+
+  defp bad_address!(value, option) do
+    raise ArgumentError,
+          "invalid value for option #{inspect(option)}: expected {ip_tuple, port}, got: #{inspect(value)}"
+  end
+
+  @doc """
+  The connection's network paths: `{:ok, [path]}`, each a map with `:id`,
+  `:local`, `:peer`, `:active`, `:validation` (`:validated`,
+  `:validating`, `:failed`, `:unknown`) and its statistics (`rtt`,
+  `min_rtt`, `rttvar` in µs, `cwnd`, `pmtu`, `delivery_rate`,
+  `packets_lost`, `packets_retransmitted`, `packets_sent`,
+  `packets_received`, `bytes_sent`, `bytes_received`, `bytes_lost`).
+
+      {:ok, [%{id: 0, active: true}]} = Quichex.Connection.paths(conn)
+  """
+  @spec paths(t(), keyword()) :: {:ok, [map()]} | {:error, term()}
+  def paths(conn, opts \\ []), do: call(conn, :paths, timeout_opt(opts))
+
+  @doc """
+  The path the connection sends on: `{:ok, path}` (see `paths/2`).
+
+      {:ok, %{id: 0, peer: _peer}} = Quichex.Connection.active_path(conn)
+  """
+  @spec active_path(t(), keyword()) :: {:ok, map()} | {:error, term()}
+  def active_path(conn, opts \\ []) do
+    with {:ok, paths} <- paths(conn, opts) do
+      case Enum.find(paths, & &1.active) do
+        nil -> {:error, :no_active_path}
+        path -> {:ok, path}
+      end
+    end
+  end
+
+  @doc """
+  The statistics of one path, by id or by `{local, peer}`: `{:ok, path}`
+  (see `paths/2`) or `{:error, :unknown_path}`.
+
+      {:ok, %{rtt: rtt, cwnd: cwnd}} = Quichex.Connection.path_stats(conn, 0)
+  """
+  @spec path_stats(t(), non_neg_integer() | {term(), term()}, keyword()) ::
+          {:ok, map()} | {:error, term()}
+  def path_stats(conn, path, opts \\ []) do
+    with {:ok, paths} <- paths(conn, opts) do
+      found =
+        Enum.find(paths, fn p ->
+          p.id == path or (is_tuple(path) and {p.local, p.peer} == path)
+        end)
+
+      if found, do: {:ok, found}, else: {:error, :unknown_path}
+    end
+  end
+
+  @doc """
+  Rotates our connection ID: offers the peer a fresh one and asks it to
+  retire the older ones, so its packets carry an ID not seen before
+  (RFC 9000 section 9.5). Returns `{:ok, cid}`, or `{:error, reason}`.
+
+      {:ok, _cid} = Quichex.Connection.rotate_cid(conn)
+  """
+  @spec rotate_cid(t(), keyword()) :: {:ok, binary()} | {:error, term()}
+  def rotate_cid(conn, opts \\ []), do: call(conn, :rotate_cid, timeout_opt(opts))
+
   ## Datagrams (RFC 9221)
 
   @doc """
@@ -370,7 +524,12 @@ defmodule Quichex.Connection do
           raise ArgumentError, "dgram_send/3 expects iodata, got: #{inspect(data, limit: 5)}"
       end
 
-    call(conn, {:dgram_send, bin}, timeout_opt(opts))
+    timeout = timeout_opt(opts)
+
+    case Quichex.Connection.Datagrams.fast_send(conn, bin) do
+      :call -> call(conn, {:dgram_send, bin}, timeout)
+      result -> result
+    end
   end
 
   @doc """

@@ -60,6 +60,24 @@ defmodule Quichex.Listener do
       type: :pid,
       default: nil,
       doc: "Process that gets connections in active mode (defaults to the caller)."
+    ],
+    stateless_reset_key: [
+      type: :binary,
+      default: nil,
+      doc:
+        "Secret (at least 16 bytes) the stateless reset tokens of our connection IDs derive from. A listener restarted with the same key answers packets of its old connections with stateless resets they recognize. Random when not given."
+    ],
+    connection_id_generator: [
+      type: :any,
+      default: nil,
+      doc:
+        "A `Quichex.CIDGenerator` module, or `{module, options}`, that makes every connection ID of this listener's connections (e.g. to encode a node for a load balancer)."
+    ],
+    accept_early_data: [
+      type: :any,
+      default: nil,
+      doc:
+        "With `enable_early_data` in the config: a function of the client's `{ip, port}` returning whether to accept its 0-RTT data (called in the listener's socket process: keep it fast). Refused clients still connect, with a full round trip. Default: accept (see the guide on 0-RTT's replay risk)."
     ]
   ]
 
@@ -105,6 +123,7 @@ defmodule Quichex.Listener do
   use Supervisor
 
   alias Quichex.Config.Schema
+  alias Quichex.Connection.CID
 
   @doc """
   A child spec, so a listener can live in your supervision tree:
@@ -172,12 +191,39 @@ defmodule Quichex.Listener do
     opts =
       Map.put(opts, :stream_active, Quichex.Connection.stream_active!(opts.stream_opts, true))
 
-    with {:ok, native} <- Quichex.Config.build(config, :server) do
-      case Supervisor.start_link(__MODULE__, Map.put(opts, :native_config, native)) do
+    opts =
+      Map.put(
+        opts,
+        :cid_generator,
+        CID.generator!(opts.connection_id_generator, :connection_id_generator)
+      )
+
+    opts = %{opts | stateless_reset_key: reset_key!(opts.stateless_reset_key)}
+
+    unless opts.accept_early_data == nil or is_function(opts.accept_early_data, 1) do
+      raise ArgumentError,
+            "invalid value for option :accept_early_data: expected a 1-arity function, got: #{inspect(opts.accept_early_data)}"
+    end
+
+    no_early = Quichex.Config.put(config, :enable_early_data, false)
+
+    with {:ok, native} <- Quichex.Config.build(config, :server),
+         {:ok, native_no_early} <- Quichex.Config.build(no_early, :server) do
+      opts = Map.merge(opts, %{native_config: native, native_config_no_early: native_no_early})
+
+      case Supervisor.start_link(__MODULE__, opts) do
         {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
         other -> other
       end
     end
+  end
+
+  defp reset_key!(nil), do: CID.new_key()
+  defp reset_key!(key) when byte_size(key) >= 16, do: key
+
+  defp reset_key!(key) do
+    raise ArgumentError,
+          "invalid value for option :stateless_reset_key: expected at least 16 bytes, got: #{inspect(key)}"
   end
 
   defp ensure_module!(_option, nil, _callback), do: :ok

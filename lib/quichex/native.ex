@@ -31,20 +31,30 @@ defmodule Quichex.Native do
   def quiche_version, do: err()
 
   # connection
-  def connection_connect(_config, _server_name, _scid, _local, _peer, _window), do: err()
-  def connection_accept(_config, _scid, _odcid, _local, _peer, _window), do: err()
+  def connection_connect(_config, _server_name, _scid, _local, _peer, _window, _session),
+    do: err()
+
+  def connection_accept(_config, _scid, _odcid, _local, _peer, _window, _reset_token),
+    do: err()
+
   def connection_close(_conn, _app?, _code, _reason), do: err()
   def connection_stats(_conn), do: err()
   def connection_info(_conn), do: err()
 
   # driver
-  def connection_poll(_conn, _packets, _timer?, _credits, _commands), do: err()
+  def connection_poll(_conn, _packets, _to, _timer?, _credits, _commands), do: err()
   def connection_flush(_conn, _writes, _dgrams, _max_packets), do: err()
 
   # streams
   def connection_stream_open(_conn, _id, _urgency, _incremental?), do: err()
   def connection_stream_priority(_conn, _id, _urgency, _incremental?), do: err()
   def connection_writable_streams(_conn, _ids), do: err()
+
+  # paths and connection IDs
+  def connection_new_scids(_conn, _cids, _retire?), do: err()
+  def connection_probe_path(_conn, _local, _peer), do: err()
+  def connection_migrate(_conn, _local, _peer), do: err()
+  def connection_paths(_conn), do: err()
 
   # packets
   def packet_header(_data, _dcid_len), do: err()

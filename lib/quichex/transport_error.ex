@@ -18,6 +18,10 @@ defmodule Quichex.TransportError do
     * `{:invalid_option, name}` - the NIF rejected a config option
     * `:no_system_ca_certs` - `Quichex.Config.load_system_ca_certs/1` found
       no CA bundle on this system
+    * `:invalid_session` - the `:session` given to
+      `Quichex.Connection.connect/1` is not a session ticket quiche can resume
+    * `:stateless_reset` - the peer answered with a stateless reset: it has
+      no state for this connection (e.g. it restarted)
     * `{:transport, code, reason_phrase}` - a CONNECTION_CLOSE with a transport
       error code, sent by the peer or by us; codes `0x100..0x1ff` are TLS
       alerts (`0x178` no application protocol, `0x12a` bad certificate, ...)
@@ -50,6 +54,8 @@ defmodule Quichex.TransportError do
 
   defp format({:invalid_option, name}), do: "invalid config option #{name}"
   defp format(:no_system_ca_certs), do: "no system CA certificates found (set SSL_CERT_FILE)"
+  defp format(:invalid_session), do: "the session ticket cannot be resumed"
+  defp format(:stateless_reset), do: "the peer reset the connection (stateless reset)"
 
   defp format({:transport, code, phrase}) do
     alert = if code in 0x100..0x1FF, do: " (TLS alert #{code - 0x100})", else: ""

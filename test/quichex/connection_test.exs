@@ -244,7 +244,12 @@ defmodule Quichex.ConnectionTest do
       conn = connect!(port)
       assert_receive {:quic_connected, ^conn}
       test = self()
-      other = spawn(fn -> receive do: (msg -> send(test, {:other_got, msg})) end)
+
+      forward = fn forward ->
+        receive do: (msg -> send(test, {:other_got, msg}) && forward.(forward))
+      end
+
+      other = spawn(fn -> forward.(forward) end)
       assert :ok = Connection.controlling_process(conn, other)
       assert {:error, :not_owner} = Connection.controlling_process(conn, self())
       :ok = Connection.close(conn, error_code: 3)

@@ -24,7 +24,8 @@ defmodule Quichex.NativeTest do
         :crypto.strong_rand_bytes(16),
         {{127, 0, 0, 1}, 40_000},
         {{127, 0, 0, 1}, 9},
-        262_144
+        262_144,
+        nil
       )
 
     {config, conn}
@@ -83,7 +84,7 @@ defmodule Quichex.NativeTest do
 
     property =
       forall(
-        :proper_types.tuple([:proper_types.elements(@nifs), :proper_types.vector(6, gen)]),
+        :proper_types.tuple([:proper_types.elements(@nifs), :proper_types.vector(7, gen)]),
         fn {{name, arity}, args} ->
           try do
             result = apply(Native, name, Enum.take(args, arity))
@@ -114,28 +115,28 @@ defmodule Quichex.NativeTest do
     local = {{127, 0, 0, 1}, 1234}
 
     assert {:error, {:badarg, "connection id"}} =
-             Native.connection_connect(config, nil, "", local, local, 1)
+             Native.connection_connect(config, nil, "", local, local, 1, nil)
 
     assert {:error, {:badarg, "connection id"}} =
-             Native.connection_connect(config, nil, :binary.copy("a", 21), local, local, 1)
+             Native.connection_connect(config, nil, :binary.copy("a", 21), local, local, 1, nil)
 
     assert {:error, {:badarg, "ip"}} =
-             Native.connection_connect(config, nil, "abcd", {{1, 2, 3}, 1}, local, 1)
+             Native.connection_connect(config, nil, "abcd", {{1, 2, 3}, 1}, local, 1, nil)
 
     assert {:error, {:badarg, "server_name"}} =
-             Native.connection_connect(config, "", "abcd", local, local, 1)
+             Native.connection_connect(config, "", "abcd", local, local, 1, nil)
 
     assert_raise ArgumentError, fn ->
-      Native.connection_connect(conn, nil, "abcd", local, local, 1)
+      Native.connection_connect(conn, nil, "abcd", local, local, 1, nil)
     end
 
-    assert_raise ArgumentError, fn -> Native.connection_poll(config, [], false, [], []) end
+    assert_raise ArgumentError, fn -> Native.connection_poll(config, [], nil, false, [], []) end
 
     assert {:error, {:badarg, "error_code"}} =
              Native.connection_close(conn, true, 4_611_686_018_427_387_904, "")
 
     assert {:error, {:badarg, "direction"}} =
-             Native.connection_poll(conn, [], false, [], [{0, :sideways, 0}])
+             Native.connection_poll(conn, [], nil, false, [], [{0, :sideways, 0}])
 
     assert {:error, {:badarg, "stream id"}} =
              Native.connection_stream_open(conn, 4_611_686_018_427_387_904, 3, true)
@@ -157,6 +158,7 @@ defmodule Quichex.NativeTest do
              Native.connection_poll(
                conn,
                [{local, :crypto.strong_rand_bytes(1200), 0}],
+               nil,
                false,
                [],
                []

@@ -72,6 +72,7 @@ defmodule Quichex.Config.Schema do
   def valid?(:atom, v), do: is_atom(v)
   def valid?(:keyword, v), do: Keyword.keyword?(v)
   def valid?(:string, v), do: is_binary(v)
+  def valid?(:binary, v), do: is_binary(v)
   def valid?(:any, _v), do: true
   def valid?({:struct, mod}, v), do: is_struct(v, mod)
   def valid?({:or, types}, v), do: Enum.any?(types, &valid?(&1, v))
@@ -99,6 +100,7 @@ defmodule Quichex.Config.Schema do
   def type_doc(:atom), do: "an atom"
   def type_doc(:keyword), do: "a keyword list"
   def type_doc(:string), do: "a string"
+  def type_doc(:binary), do: "a binary"
   def type_doc(:any), do: "any term"
   def type_doc({:struct, mod}), do: "a %#{inspect(mod)}{}"
   def type_doc({:or, types}), do: Enum.map_join(types, " or ", &type_doc/1)

@@ -15,7 +15,8 @@ defmodule Quichex.Connection.Driver do
   # connection is in `Quichex.Connection.Requests`.
 
   alias Quichex.Native
-  alias Quichex.Connection.{Datagrams, Reports, Requests, State, Streams, UDP, WriteQueue}
+  alias Quichex.Connection.{Datagrams, Mobility, Paths, Reports, Requests, State, Streams, UDP}
+  alias Quichex.Connection.WriteQueue
   alias Quichex.Connection.WriteQueue.Write
 
   # Packets per connection_flush call (a full GSO batch): well under a
@@ -34,10 +35,10 @@ defmodule Quichex.Connection.Driver do
   timer flag, and the credit and commands gathered from stream processes.
   Returns `{poll, data}`.
   """
-  def poll(%State{} = data, packets, timer?) do
+  def poll(%State{} = data, packets, timer?, to \\ nil) do
     commands = Enum.reverse(data.commands)
     credits = Map.to_list(data.credits)
-    {:ok, poll} = Native.connection_poll(data.native, packets, timer?, credits, commands)
+    {:ok, poll} = Native.connection_poll(data.native, packets, to, timer?, credits, commands)
     data = %{data | credits: %{}, commands: [], repoll: poll.more}
     data = if packets != [], do: %{data | writes: WriteQueue.unblock(data.writes)}, else: data
     # The read budget ran out: poll again once the events queued meanwhile
@@ -63,6 +64,11 @@ defmodule Quichex.Connection.Driver do
   @doc "Hands what a poll reported to the stream processes."
   def dispatch(%State{} = data, poll) do
     data = report(data, poll)
+    data = %{data | in_early_data: poll.in_early_data}
+    data = Mobility.path_events(data, poll.path_events)
+    data = Mobility.retired(data, poll.retired_cids)
+    data = if poll.established, do: Mobility.refill_cids(data, poll.scids_left), else: data
+    data = session(data, poll.session)
 
     data = %{
       data
@@ -98,6 +104,15 @@ defmodule Quichex.Connection.Driver do
       end)
 
     Requests.retry_waiters(data)
+  end
+
+  # A new session ticket (a client's, for resumption): kept for session/1
+  # and told to the owner.
+  defp session(data, nil), do: data
+
+  defp session(data, ticket) do
+    Reports.notify_owner(data, {:quic_session_ticket, self(), ticket})
+    %{data | session: ticket}
   end
 
   # Telemetry for what the poll counted: new losses, a log that failed.
@@ -191,7 +206,8 @@ defmodule Quichex.Connection.Driver do
     {writes, keys} = WriteQueue.batch(data.writes, rank)
     {dgrams, dgram_state} = Datagrams.take_out(data.dgrams)
     {:ok, out} = Native.connection_flush(data.native, writes, dgrams, @send_budget)
-    data = dropped_event(%{data | dgrams: Datagrams.flushed(dgram_state, out)})
+    data = %{data | in_early_data: out.in_early_data}
+    data = dropped_event(%{data | dgrams: Datagrams.flushed(dgram_state, out, length(dgrams))})
     data = apply_writes(data, keys, out.writes)
     data = send_batches(data, out.batches)
 
@@ -257,8 +273,12 @@ defmodule Quichex.Connection.Driver do
 
   defp send_batches(data, []), do: data
 
-  defp send_batches(data, [{to, bin, seg} | rest]) do
-    case UDP.send_batch(data.socket, to, bin, seg, data.gso) do
+  defp send_batches(data, [{from, to, bin, seg} | rest]) do
+    # A client's packets for a probed or migrated path leave from that
+    # path's socket.
+    socket = Paths.socket(data.paths, from) || data.socket
+
+    case UDP.send_batch(socket, to, bin, seg, data.gso) do
       :ok -> send_batches(data, rest)
       {:ok, :gso_off} -> send_batches(%{data | gso: false}, rest)
       # A send error is a lost datagram to QUIC; recovery retransmits.
@@ -278,6 +298,13 @@ defmodule Quichex.Connection.Driver do
     {waiters, streams} = Streams.take_waiters(data.streams)
     Enum.each(waiters, &:gen_statem.reply(&1.from, {:error, :closed}))
     Enum.each(Streams.pids(streams), &send(&1, {:quic_conn_closed, reason}))
-    %{data | writes: queue, streams: streams, dgrams: Datagrams.close(data.dgrams)}
+
+    %{
+      data
+      | writes: queue,
+        streams: streams,
+        dgrams: data.dgrams |> Datagrams.withdraw() |> Datagrams.close(),
+        paths: Paths.fail_waiters(data.paths, {:error, :closed})
+    }
   end
 end

@@ -48,6 +48,8 @@ defmodule Quichex.Connection.Reports do
        is_draining: state == :draining,
        is_closed: state == :closed,
        is_resumed: i.is_resumed,
+       resumed: i.is_resumed,
+       early_data: early_data_outcome(data, i),
        state: state,
        retry: retry_used?(data, i),
        source_id: i.source_id,
@@ -59,6 +61,45 @@ defmodule Quichex.Connection.Reports do
        trace_id: i.trace_id
      }}
   end
+
+  @doc """
+  What became of 0-RTT: `:accepted`, `:rejected` or `:none` (not tried),
+  from quiche's (BoringSSL's) early data reason; `{:rejected, reason}` as
+  told to a client's owner.
+  """
+  def early_data_outcome(%State{role: :client, early_data: false}, _info), do: :none
+
+  def early_data_outcome(%State{role: :client}, %{early_data_reason: 2}), do: :accepted
+  def early_data_outcome(%State{role: :client}, _info), do: :rejected
+
+  # A server: accepted; :none when the client offered none (peer_declined,
+  # no_session_offered, unknown) or our config disables 0-RTT (BoringSSL
+  # then does not say whether the client offered any); otherwise refused.
+  def early_data_outcome(%State{role: :server}, %{early_data_reason: 2}), do: :accepted
+
+  def early_data_outcome(%State{role: :server}, %{early_data_reason: r}) when r in [0, 1, 4, 5],
+    do: :none
+
+  def early_data_outcome(%State{role: :server}, _info), do: :rejected
+
+  @early_data_reasons %{
+    0 => :unknown,
+    1 => :disabled,
+    3 => :protocol_version,
+    4 => :peer_declined,
+    5 => :no_session_offered,
+    6 => :session_not_resumed,
+    7 => :unsupported_for_session,
+    8 => :hello_retry_request,
+    9 => :alpn_mismatch,
+    10 => :channel_id,
+    12 => :ticket_age_skew,
+    13 => :quic_parameter_mismatch,
+    14 => :alps_mismatch
+  }
+
+  @doc "Why early data was not accepted, as an atom."
+  def early_data_reason(%{early_data_reason: r}), do: Map.get(@early_data_reasons, r, :unknown)
 
   @doc "Whether Retry validated this connection's address."
   def retry_used?(%State{role: :server, retry: retry}, _info), do: retry
@@ -77,6 +118,9 @@ defmodule Quichex.Connection.Reports do
 
       data.closing == :owner_down ->
         {@owner_down_code, :owner_down}
+
+      info.stateless_reset ->
+        {0, transport_error(:stateless_reset)}
 
       info.peer_error != nil ->
         peer_error(info.peer_error)

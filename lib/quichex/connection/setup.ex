@@ -10,7 +10,7 @@ defmodule Quichex.Connection.Setup do
 
   @doc "Creates the quiche connection (and, for a client, its socket): the initial state."
   def open(%{role: :client} = args) do
-    scid = CID.generate()
+    scid = CID.generate(args.cid_generator)
 
     with {:ok, socket, caps} <- udp_open(args.local_ip, args.local_port),
          {:ok, local} <- connect_socket(socket, args.peer),
@@ -23,10 +23,20 @@ defmodule Quichex.Connection.Setup do
                scid,
                local,
                args.peer,
-               Driver.window()
+               Driver.window(),
+               args.session
              )
            ) do
-      {:ok, new_state(args, native, socket, local, caps, owns_socket: true)}
+      data =
+        new_state(args, native, socket, local, caps,
+          owns_socket: true,
+          cids: [scid],
+          reset_key: CID.new_key(),
+          session: args.session,
+          early_data: args.early_data and args.session != nil
+        )
+
+      {:ok, data}
     end
   end
 
@@ -37,7 +47,8 @@ defmodule Quichex.Connection.Setup do
            args.odcid,
            args.local,
            args.peer,
-           Driver.window()
+           Driver.window(),
+           CID.reset_token(args.reset_key, args.scid)
          ) do
       {:ok, native} ->
         data =
@@ -45,7 +56,8 @@ defmodule Quichex.Connection.Setup do
             retry: args.odcid != nil,
             cids: args.cids,
             listener: args.listener,
-            handler: args.handler
+            handler: args.handler,
+            reset_key: args.reset_key
           )
 
         {:ok, data}
@@ -70,7 +82,8 @@ defmodule Quichex.Connection.Setup do
         owner_ref: owner && Process.monitor(owner),
         active: args.active,
         stream_active: args.stream_active,
-        dgrams: args.dgrams
+        dgrams: args.dgrams,
+        cid_generator: args.cid_generator
       ] ++ extra
     )
   end
@@ -100,6 +113,10 @@ defmodule Quichex.Connection.Setup do
 
   defp nif(socket, {:error, reason}) do
     :socket.close(socket)
-    {:error, Reports.transport_error(reason)}
+
+    case reason do
+      {:badarg, "session"} -> {:error, Reports.transport_error(:invalid_session)}
+      reason -> {:error, Reports.transport_error(reason)}
+    end
   end
 end

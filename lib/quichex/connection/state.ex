@@ -32,8 +32,21 @@ defmodule Quichex.Connection.State do
     runner: nil,
     # %{pid, mode, table} for a connection a listener accepted.
     listener: nil,
-    # Connection IDs routed to us by the listener.
+    # Our connection IDs (routed to us by the listener, for a server
+    # connection), how new ones are made, and the key of their stateless
+    # reset tokens.
     cids: [],
+    cid_generator: nil,
+    reset_key: nil,
+    # Network paths and a client's extra sockets (Quichex.Connection.Paths).
+    paths: nil,
+    # The latest session ticket (clients).
+    session: nil,
+    # A client that sent 0-RTT data (a session and early_data: true); 0-RTT
+    # keys are in use; the outcome once known (:accepted | :rejected | :none).
+    early_data: false,
+    in_early_data: false,
+    early_data_outcome: :none,
     retry: false,
     started_at: nil,
     # wait_connected/2 callers.
@@ -74,6 +87,13 @@ defmodule Quichex.Connection.State do
           runner: pid() | nil,
           listener: %{pid: pid(), mode: :active | :handler, table: :ets.tid()} | nil,
           cids: [binary()],
+          cid_generator: {module(), term()},
+          reset_key: binary(),
+          paths: Quichex.Connection.Paths.t(),
+          session: binary() | nil,
+          early_data: boolean(),
+          in_early_data: boolean(),
+          early_data_outcome: :accepted | :rejected | :none,
           retry: boolean(),
           started_at: integer() | nil,
           waiters: [:gen_statem.from()],
@@ -99,7 +119,8 @@ defmodule Quichex.Connection.State do
       state
       | streams: Streams.new(state.role),
         writes: WriteQueue.new(),
-        dgrams: Quichex.Connection.Datagrams.new(dgram_opts)
+        dgrams: Quichex.Connection.Datagrams.new(dgram_opts),
+        paths: Quichex.Connection.Paths.new(state.local, state.peer)
     }
   end
 end

@@ -31,7 +31,8 @@ defmodule Quichex.Connection.Statem do
   @behaviour :gen_statem
 
   alias Quichex.{Native, Telemetry}
-  alias Quichex.Connection.{Datagrams, Driver, Reports, Requests, Setup, State, Streams, UDP}
+  alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, Requests, Setup, State}
+  alias Quichex.Connection.{Streams, UDP}
 
   @drain_cap_ms 3_000
 
@@ -81,6 +82,13 @@ defmodule Quichex.Connection.Statem do
   def handshaking({:call, from}, :wait_connected, data),
     do: {:keep_state, %{data | waiters: [from | data.waiters]}}
 
+  # With 0-RTT keys a client opens streams (and sends) before the handshake
+  # completes; otherwise open_stream/3 waits for it.
+  def handshaking({:call, from}, {:open_stream, request}, %State{in_early_data: true} = data) do
+    data = Requests.open_stream(data, from, request)
+    {:keep_state, data, open_timer(data)}
+  end
+
   def handshaking({:call, _from}, {:open_stream, _request}, _data),
     do: {:keep_state_and_data, :postpone}
 
@@ -90,6 +98,10 @@ defmodule Quichex.Connection.Statem do
 
   def handshaking({:call, _from}, :dgram_max_size, _data),
     do: {:keep_state_and_data, :postpone}
+
+  def handshaking({:call, _from}, request, _data)
+      when request == :rotate_cid or (is_tuple(request) and elem(request, 0) == :probe),
+      do: {:keep_state_and_data, :postpone}
 
   def handshaking({:timeout, :handshake}, :expired, data) do
     _ = Native.connection_close(data.native, false, 0, "handshake timeout")
@@ -129,6 +141,16 @@ defmodule Quichex.Connection.Statem do
   def established({:call, from}, :dgram_max_size, data),
     do: {:keep_state_and_data, {:reply, from, Datagrams.max_size(data.dgrams)}}
 
+  def established({:call, from}, {:probe, kind, local, peer}, data) do
+    data = Mobility.start_probe(data, local, peer || data.peer, kind, from)
+    drive(:established, data, [], false)
+  end
+
+  def established({:call, from}, :rotate_cid, data) do
+    {reply, data} = Mobility.rotate(data)
+    drive(:established, data, [], false, [{:reply, from, reply}])
+  end
+
   def established(type, content, data), do: common(:established, type, content, data)
 
   @doc false
@@ -147,6 +169,10 @@ defmodule Quichex.Connection.Statem do
   def draining({:call, from}, {:dgram_recv, _timeout}, _data),
     do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
 
+  def draining({:call, from}, request, _data)
+      when is_tuple(request) and elem(request, 0) == :probe,
+      do: {:keep_state_and_data, {:reply, from, {:error, :closed}}}
+
   def draining(type, content, data), do: common(:draining, type, content, data)
 
   @doc false
@@ -162,10 +188,18 @@ defmodule Quichex.Connection.Statem do
 
   # Events every open state handles the same way.
   defp common(state, :info, {:"$socket", socket, :select, _}, %State{socket: socket} = data) do
-    read_socket(state, data)
+    read_socket(state, data, socket)
   end
 
-  defp common(state, :internal, :read_more, data), do: read_socket(state, data)
+  # A client's socket for a probed or migrated path.
+  defp common(state, :info, {:"$socket", socket, :select, _}, data) do
+    case Paths.local_of(data.paths, socket) do
+      nil -> :keep_state_and_data
+      _local -> read_socket(state, data, socket)
+    end
+  end
+
+  defp common(state, :internal, {:read_more, socket}, data), do: read_socket(state, data, socket)
 
   defp common(state, :info, {:quic_packets, packets}, data),
     do: drive(state, data, packets, false)
@@ -174,6 +208,10 @@ defmodule Quichex.Connection.Statem do
     do: drive(state, %{data | pass_pending: false}, [], false)
 
   defp common(state, {:timeout, :quic}, :fire, data), do: drive(state, data, [], true)
+
+  # A datagram dgram_send/3 checked in the caller (see Datagrams).
+  defp common(_state, :cast, {:dgram, bin}, data),
+    do: {:keep_state, Driver.schedule_pass(%{data | dgrams: Datagrams.queue(data.dgrams, bin)})}
 
   defp common(_state, :cast, {:stream, msg}, data) do
     {:keep_state, Driver.schedule_pass(Requests.stream_message(data, msg))}
@@ -232,6 +270,16 @@ defmodule Quichex.Connection.Statem do
   defp common(state, {:call, from}, :info, data),
     do: {:keep_state_and_data, {:reply, from, Reports.info(state, data)}}
 
+  defp common(_state, {:call, from}, :session, data) do
+    reply = if data.session, do: {:ok, data.session}, else: {:error, :no_ticket}
+    {:keep_state_and_data, {:reply, from, reply}}
+  end
+
+  defp common(_state, {:call, from}, :paths, data) do
+    {paths, data} = Mobility.paths(data)
+    {:keep_state, data, {:reply, from, {:ok, paths}}}
+  end
+
   defp common(_state, {:call, from}, :streams, data),
     do: {:keep_state_and_data, {:reply, from, {:ok, Streams.pids(data.streams)}}}
 
@@ -276,10 +324,13 @@ defmodule Quichex.Connection.Statem do
 
   defp common(_state, _type, _content, _data), do: :keep_state_and_data
 
-  defp read_socket(state, data) do
-    {packets, status} = UDP.read_batch(data.socket)
-    actions = if status == :more, do: [{:next_event, :internal, :read_more}], else: []
-    drive(state, data, packets, false, actions)
+  # Reads one batch; `to` is the socket's local address when it is not the
+  # connection's first (the NIF needs the address each packet came to).
+  defp read_socket(state, data, socket) do
+    {packets, status} = UDP.read_batch(socket)
+    actions = if status == :more, do: [{:next_event, :internal, {:read_more, socket}}], else: []
+    to = if socket == data.socket, do: nil, else: Paths.local_of(data.paths, socket)
+    drive(state, data, packets, false, actions, to)
   end
 
   defp open_timer(data) do
@@ -291,10 +342,10 @@ defmodule Quichex.Connection.Statem do
 
   ## The driver pass and the state changes it implies
 
-  defp drive(state, data, packets, timer?, actions \\ []) do
+  defp drive(state, data, packets, timer?, actions \\ [], to \\ nil) do
     {state, data, status} =
       if packets != [] or timer? or Driver.poll_needed?(data) do
-        {poll, data} = Driver.poll(data, packets, timer?)
+        {poll, data} = Driver.poll(data, packets, timer?, to)
         {state, data, status} = maybe_established(state, data, poll)
         {state, Driver.dispatch(data, poll), status}
       else
@@ -305,6 +356,11 @@ defmodule Quichex.Connection.Statem do
 
     {data, out} = Driver.flush(data)
     timer = {{:timeout, :quic}, out.timeout || :infinity, :fire}
+
+    # What the peer takes is known from the first flush after the handshake:
+    # dgram_send/3 can check it in the caller from then on.
+    data =
+      if state == :established, do: %{data | dgrams: Datagrams.publish(data.dgrams)}, else: data
 
     cond do
       status.closed or out.closed ->
@@ -348,6 +404,7 @@ defmodule Quichex.Connection.Statem do
     Enum.each(data.waiters, &:gen_statem.reply(&1, :ok))
     data = start_handler(%{data | waiters: []})
     Reports.notify_owner(data, {:quic_connected, self()})
+    data = early_data(data, info)
 
     case data.listener do
       %{mode: :active, pid: listener} ->
@@ -358,6 +415,25 @@ defmodule Quichex.Connection.Statem do
     end
 
     data
+  end
+
+  # The outcome of 0-RTT, now that the handshake tells: in info/2, to a
+  # client's owner (that tried), to a handler, and as a telemetry event.
+  defp early_data(data, info) do
+    outcome = Reports.early_data_outcome(data, info)
+
+    told =
+      case outcome do
+        :rejected -> {:rejected, Reports.early_data_reason(info)}
+        other -> other
+      end
+
+    if (data.role == :client and data.early_data) or (data.role == :server and outcome != :none) do
+      Reports.notify_owner(data, {:quic_early_data, self(), told})
+    end
+
+    Reports.event(data, :early_data, %{}, %{outcome: outcome, reason: told})
+    %{data | early_data_outcome: outcome}
   end
 
   # A listener's handler: its connection process starts now, linked to us,
@@ -404,9 +480,10 @@ defmodule Quichex.Connection.Statem do
       end
 
     if data.owns_socket, do: :socket.close(data.socket)
-    unroute(data)
+    Paths.close_all(data.paths)
+    Mobility.unroute(data, data.cids)
     Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, :closed}))
-    Datagrams.close(data.dgrams)
+    data.dgrams |> Datagrams.withdraw() |> Datagrams.close()
 
     Telemetry.stop(
       :connection,
@@ -419,9 +496,4 @@ defmodule Quichex.Connection.Statem do
   end
 
   def terminate(_reason, _state, _data), do: :ok
-
-  defp unroute(%State{listener: %{table: table}, cids: cids}),
-    do: Enum.each(cids, &:ets.delete(table, &1))
-
-  defp unroute(_data), do: :ok
 end

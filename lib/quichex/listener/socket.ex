@@ -3,18 +3,24 @@ defmodule Quichex.Listener.Socket do
   # Owns a listener's UDP socket and its routing table. Reads datagrams in
   # batches, routes each by destination connection ID (an ETS lookup) to its
   # connection process, and handles datagrams for unknown IDs: Version
-  # Negotiation, Retry, new connections, or a silent drop.
+  # Negotiation, Retry, new connections, a stateless reset, or a silent drop.
 
   use GenServer
 
   import Bitwise
 
-  alias Quichex.Connection.UDP
+  alias Quichex.Connection.{CID, UDP}
   alias Quichex.{Native, Telemetry}
 
-  @cid_len Quichex.Connection.CID.len()
+  @cid_len CID.len()
   @min_initial 1200
   @quic_v1 1
+  # Stateless resets: at most this many per second (a token bucket), never
+  # smaller than 21 bytes (RFC 9000 section 10.3) nor as large as the packet
+  # that triggered them.
+  @resets_per_second 100
+  @min_reset 21
+  @max_reset 128
 
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
 
@@ -37,6 +43,8 @@ defmodule Quichex.Listener.Socket do
           table: table,
           secret: :crypto.strong_rand_bytes(32),
           conns: %{},
+          reset_tokens: @resets_per_second,
+          reset_refilled: System.monotonic_time(:millisecond),
           started_at:
             Telemetry.start(:listener, %{listener: opts.listener, local_address: local}),
           stats: %{
@@ -48,6 +56,7 @@ defmodule Quichex.Listener.Socket do
             retry_sent: 0,
             retry_validated: 0,
             invalid_token: 0,
+            stateless_resets: 0,
             datagrams_received: 0
           }
         }
@@ -142,7 +151,7 @@ defmodule Quichex.Listener.Socket do
             route(rest, unknown(from, data, state), batches)
 
           [] ->
-            route(rest, bump(state, :unroutable), batches)
+            route(rest, stateless_reset(from, data, dcid, state), batches)
         end
 
       :error ->
@@ -183,12 +192,44 @@ defmodule Quichex.Listener.Socket do
             retry(from, data, version, dcid, scid, token, state)
 
           true ->
-            accept(from, data, Quichex.Connection.CID.generate(), nil, [dcid], state)
+            accept(from, data, CID.generate(state.opts.cid_generator), nil, [dcid], state)
         end
 
       {:error, _} ->
         bump(state, :invalid)
     end
+  end
+
+  # A short-header packet for a connection we do not know (say, one this
+  # listener had before a restart): a stateless reset, whose token the
+  # connection's key and ID determine, so the peer's connection closes now
+  # instead of at its idle timeout.
+  defp stateless_reset(from, data, dcid, state) do
+    size = min(byte_size(data) - 1, @max_reset)
+    state = refill_resets(state)
+
+    if size >= @min_reset and state.reset_tokens > 0 do
+      token = CID.reset_token(state.opts.stateless_reset_key, dcid)
+      <<bits::6, _::2>> = :crypto.strong_rand_bytes(1)
+      packet = [<<0b01::2, bits::6>>, :crypto.strong_rand_bytes(size - 17), token]
+      _ = :socket.sendto(state.socket, packet, UDP.sockaddr(from))
+      bump(%{state | reset_tokens: state.reset_tokens - 1}, :stateless_resets)
+    else
+      bump(state, :unroutable)
+    end
+  end
+
+  defp refill_resets(state) do
+    now = System.monotonic_time(:millisecond)
+    earned = div((now - state.reset_refilled) * @resets_per_second, 1_000)
+
+    if earned > 0,
+      do: %{
+        state
+        | reset_tokens: min(state.reset_tokens + earned, @resets_per_second),
+          reset_refilled: now
+      },
+      else: state
   end
 
   defp negotiate(from, data, dcid, scid, state) do
@@ -206,7 +247,7 @@ defmodule Quichex.Listener.Socket do
   # quiche parses an Initial without a token as an empty token.
   defp retry(from, data, version, dcid, scid, token, state) when token in [nil, ""] do
     if byte_size(data) >= @min_initial do
-      new_scid = Quichex.Connection.CID.generate()
+      new_scid = CID.generate(state.opts.cid_generator)
       token = mint_token(state, from, dcid)
 
       case Native.packet_retry(scid, dcid, new_scid, token, version) do
@@ -239,7 +280,7 @@ defmodule Quichex.Listener.Socket do
 
     args = %{
       role: :server,
-      native_config: opts.native_config,
+      native_config: native_config(opts, from),
       socket: state.socket,
       caps: state.caps,
       local: state.local,
@@ -255,6 +296,8 @@ defmodule Quichex.Listener.Socket do
       dgrams: Quichex.Config.dgram_opts(opts.config),
       handshake_timeout: opts.handshake_timeout,
       listener: %{pid: opts.listener, mode: listener_mode(state), table: state.table},
+      reset_key: opts.stateless_reset_key,
+      cid_generator: opts.cid_generator,
       cids: cids,
       initial_packets: [{from, data, 0}]
     }
@@ -267,6 +310,14 @@ defmodule Quichex.Listener.Socket do
     else
       _ -> bump(state, :refused)
     end
+  end
+
+  # With an accept_early_data filter, a connection it refuses gets the
+  # config without early data.
+  defp native_config(%{accept_early_data: nil} = opts, _peer), do: opts.native_config
+
+  defp native_config(opts, peer) do
+    if opts.accept_early_data.(peer), do: opts.native_config, else: opts.native_config_no_early
   end
 
   defp server_code(%{handler: mod} = opts) when mod != nil,

@@ -28,6 +28,15 @@ rustler::atoms! {
     core,
     base,
     extra,
+    // path events and states
+    new,
+    validated,
+    failed,
+    closed,
+    peer_migrated,
+    reused_cid,
+    unknown,
+    validating,
     // stream commands
     read,
     write,

@@ -24,6 +24,10 @@ pub struct ConnInner {
     /// Datagrams read from quiche so far (quiche counts those it received:
     /// the difference, less what is queued, was dropped by a full queue).
     pub dgrams_read: u64,
+    /// The last session (resumption ticket) reported, to report new ones.
+    pub session_reported: Option<Vec<u8>>,
+    /// quiche closed the connection on a stateless reset from the peer.
+    pub stateless_reset: bool,
 }
 
 pub struct ConnResource {
@@ -53,12 +57,15 @@ fn new_resource(
             streams: StreamTable::new(window),
             logs,
             dgrams_read: 0,
+            session_reported: None,
+            stateless_reset: false,
         }),
     })
 }
 
 /// Starts a client connection. `server_name` is the SNI (nil for none);
-/// `window` is the read-ahead credit each stream starts with.
+/// `window` is the read-ahead credit each stream starts with; `session` a
+/// ticket from an earlier connection to resume (nil for none).
 #[rustler::nif]
 fn connection_connect(
     config: ResourceArc<ConfigResource>,
@@ -67,6 +74,7 @@ fn connection_connect(
     local: Term,
     peer: Term,
     window: u64,
+    session: Option<Binary>,
 ) -> Result<ResourceArc<ConnResource>> {
     let scid = cid(&scid)?;
     let local = decode_addr(local)?;
@@ -77,13 +85,18 @@ fn connection_connect(
         }
     }
     let mut cfg = config.config.lock()?;
-    let conn = quiche::connect(server_name.as_deref(), &scid, local, peer, &mut cfg)?;
+    let mut conn = quiche::connect(server_name.as_deref(), &scid, local, peer, &mut cfg)?;
     drop(cfg);
+    if let Some(session) = session {
+        conn.set_session(session.as_slice())
+            .map_err(|_| Error::BadArg("session"))?;
+    }
     Ok(new_resource(conn, &config, local, window))
 }
 
 /// Accepts a server connection; `odcid` is the original destination CID when
-/// the client was validated with Retry, nil otherwise.
+/// the client was validated with Retry, nil otherwise; `reset_token` the
+/// 16-byte stateless reset token of `scid`.
 #[rustler::nif]
 fn connection_accept(
     config: ResourceArc<ConfigResource>,
@@ -92,7 +105,9 @@ fn connection_accept(
     local: Term,
     peer: Term,
     window: u64,
+    reset_token: Binary,
 ) -> Result<ResourceArc<ConnResource>> {
+    let token = crate::paths::reset_token(&reset_token)?;
     let scid = cid(&scid)?;
     let odcid = match odcid {
         Some(b) => Some(cid(&b)?),
@@ -101,7 +116,12 @@ fn connection_accept(
     let local = decode_addr(local)?;
     let peer = decode_addr(peer)?;
     let mut cfg = config.config.lock()?;
-    let conn = quiche::accept(&scid, odcid.as_ref(), local, peer, &mut cfg)?;
+    // quiche takes a server's first reset token from the config: set it for
+    // this connection while the config is locked.
+    cfg.set_stateless_reset_token(Some(token));
+    let conn = quiche::accept(&scid, odcid.as_ref(), local, peer, &mut cfg);
+    cfg.set_stateless_reset_token(None);
+    let conn = conn?;
     drop(cfg);
     Ok(new_resource(conn, &config, local, window))
 }
@@ -231,6 +251,10 @@ struct Info<'a> {
     peer_cert: Option<Term<'a>>,
     peer_transport_params: Option<TransportParams>,
     max_send_udp_payload_size: usize,
+    in_early_data: bool,
+    /// BoringSSL's ssl_early_data_reason_t (2: accepted).
+    early_data_reason: u32,
+    stateless_reset: bool,
 }
 
 /// Static and negotiated facts about the connection.
@@ -272,5 +296,8 @@ fn connection_info<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<
         peer_cert: c.peer_cert().map(|b| bytes_term(env, b)),
         peer_transport_params: tp,
         max_send_udp_payload_size: c.max_send_udp_payload_size(),
+        in_early_data: c.is_in_early_data(),
+        early_data_reason: c.early_data_reason(),
+        stateless_reset: guard.stateless_reset,
     })
 }

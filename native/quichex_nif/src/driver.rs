@@ -60,10 +60,20 @@ struct Poll<'a> {
     packets_lost: usize,
     /// Why a key log or qlog failed, reported once.
     log_failure: Option<String>,
+    /// Path events (see paths::take_events).
+    path_events: Vec<Term<'a>>,
+    /// Our connection IDs the peer retired (to unroute).
+    retired_cids: Vec<Term<'a>>,
+    /// How many more connection IDs the peer accepts from us.
+    scids_left: usize,
+    /// A session ticket newer than the last one reported (clients).
+    session: Option<Term<'a>>,
+    in_early_data: bool,
 }
 
 /// One poll: `packets` is `[{from, data, segment_size}]` (a non-zero segment
-/// size splits a GRO buffer into its datagrams), `timer` says quiche's timer
+/// size splits a GRO buffer into its datagrams) received on the local
+/// address `to` (nil: the connection's first), `timer` says quiche's timer
 /// fired, `credits` is `[{stream_id, bytes}]` of read credit given back,
 /// `commands` is `[{stream_id, :read | :write | :detach, error_code}]`.
 #[rustler::nif]
@@ -71,6 +81,7 @@ fn connection_poll<'a>(
     env: Env<'a>,
     conn: ResourceArc<ConnResource>,
     packets: Vec<(Term<'a>, Binary<'a>, usize)>,
+    to: Term<'a>,
     timer: bool,
     credits: Vec<(u64, u64)>,
     commands: Vec<(u64, Atom, u64)>,
@@ -89,13 +100,15 @@ fn connection_poll<'a>(
         .into_iter()
         .map(|(from, data, seg)| Ok((decode_addr(from)?, data, seg)))
         .collect::<Result<Vec<_>>>()?;
+    // nil: the connection's own local address.
+    let to = if to.is_atom() { None } else { Some(decode_addr(to)?) };
 
     let mut guard = conn.lock()?;
     let inner = &mut *guard;
     for (id, command) in commands {
         stream::apply(inner, id, command);
     }
-    receive(inner, &packets);
+    receive(inner, &packets, to);
     if timer {
         inner.conn.on_timeout();
     }
@@ -122,10 +135,18 @@ fn connection_poll<'a>(
 
     let dgrams = read_dgrams(env, inner);
     let log_failure = inner.logs.take_failure();
+    let path_events = crate::paths::take_events(env, inner);
+    let retired_cids = crate::paths::take_retired(env, inner);
+    let session = new_session(env, inner);
     let c = &inner.conn;
     let stats = c.stats();
     let queued = c.dgram_recv_queue_len() as u64;
     Ok(Poll {
+        path_events,
+        retired_cids,
+        scids_left: c.scids_left(),
+        session,
+        in_early_data: c.is_in_early_data(),
         dgrams,
         dgrams_dropped: (stats.dgram_recv as u64).saturating_sub(inner.dgrams_read + queued),
         packets_lost: stats.lost,
@@ -162,11 +183,21 @@ fn read_dgrams<'a>(env: Env<'a>, inner: &mut ConnInner) -> Vec<Term<'a>> {
     out
 }
 
+/// The session ticket, when quiche has one newer than the last reported.
+fn new_session<'a>(env: Env<'a>, inner: &mut ConnInner) -> Option<Term<'a>> {
+    let session = inner.conn.session()?;
+    if inner.session_reported.as_deref() == Some(session) {
+        return None;
+    }
+    inner.session_reported = Some(session.to_vec());
+    Some(bytes_term(env, session))
+}
+
 /// Feeds received datagrams to quiche. Every datagram given is processed
 /// (dropping some would be silent loss); the caller bounds the batch
 /// (`Quichex.Connection.UDP` reads a few hundred datagrams at most).
-fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)]) {
-    let to = inner.local;
+fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)], to: Option<SocketAddr>) {
+    let to = to.unwrap_or(inner.local);
     for (from, data, seg) in packets {
         let bytes = data.as_slice();
         let seg = if *seg == 0 { bytes.len().max(1) } else { *seg };
@@ -181,12 +212,24 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)]) {
                 let (packet, tail) = rest.split_at(first_packet_len(rest));
                 rest = tail;
                 let info = quiche::RecvInfo { from: *from, to };
+                let was_closed = inner.conn.is_closed();
                 SCRATCH.with_borrow_mut(|scratch| {
                     scratch.clear();
                     scratch.extend_from_slice(packet);
                     // A packet quiche rejects is dropped, as the RFC asks.
                     let _ = inner.conn.recv(scratch, info);
                 });
+                // quiche closes silently, with no error, only when a packet
+                // is the peer's stateless reset.
+                let c = &inner.conn;
+                if !was_closed
+                    && c.is_closed()
+                    && c.peer_error().is_none()
+                    && c.local_error().is_none()
+                    && !c.is_timed_out()
+                {
+                    inner.stateless_reset = true;
+                }
             }
         }
     }
@@ -196,8 +239,9 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)]) {
 struct Flush<'a> {
     /// One result per write given, in order: bytes written or `{:error, reason}`.
     writes: Vec<Term<'a>>,
-    /// `[{to, data, segment_size}]`: every segment of `data` but the last has
-    /// exactly `segment_size` bytes, ready for one GSO send.
+    /// `[{from, to, data, segment_size}]`: every segment of `data` but the
+    /// last has exactly `segment_size` bytes, ready for one GSO send from the
+    /// local address `from`.
     batches: Vec<Term<'a>>,
     /// The packet budget ran out before quiche had nothing left to send.
     more: bool,
@@ -211,6 +255,8 @@ struct Flush<'a> {
     dgram_queued: usize,
     /// DATAGRAMs given that quiche refused (too big for the path now).
     dgrams_refused: usize,
+    /// 0-RTT keys are in use: a client may send early data.
+    in_early_data: bool,
 }
 
 /// Writes `[{stream_id, data, fin?}]` (several writes for one stream go in
@@ -273,7 +319,13 @@ fn connection_flush<'a>(
             .iter()
             .map(|b| {
                 let data = bytes_term(env, &scratch[b.start..b.start + b.len]);
-                (encode_addr(env, &b.to), data, b.seg).encode(env)
+                (
+                    encode_addr(env, &b.from),
+                    encode_addr(env, &b.to),
+                    data,
+                    b.seg,
+                )
+                    .encode(env)
             })
             .collect()
     });
@@ -286,10 +338,12 @@ fn connection_flush<'a>(
         dgram_max: inner.conn.dgram_max_writable_len(),
         dgram_queued: inner.conn.dgram_send_queue_len(),
         dgrams_refused,
+        in_early_data: inner.conn.is_in_early_data(),
     })
 }
 
 struct Batch {
+    from: SocketAddr,
     to: SocketAddr,
     start: usize,
     len: usize,
@@ -323,6 +377,7 @@ fn send_batches(
         let extend = match batches.last() {
             Some(b) => {
                 b.to == info.to
+                    && b.from == info.from
                     && b.len % b.seg == 0
                     && n <= b.seg
                     && b.count < MAX_GSO_SEGMENTS
@@ -336,6 +391,7 @@ fn send_batches(
                 b.count += 1;
             }
             _ => batches.push(Batch {
+                from: info.from,
                 to: info.to,
                 start: off,
                 len: n,

@@ -10,6 +10,7 @@ mod driver;
 mod error;
 mod logs;
 mod packet;
+mod paths;
 mod stream;
 mod util;
 
