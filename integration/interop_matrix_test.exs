@@ -19,8 +19,9 @@ defmodule Quichex.InteropMatrixTest do
   # The aioquic and quinn peers speak an echo protocol: a bidi stream is
   # echoed, a uni stream comes back on a new uni stream of the server, and a
   # bidi stream starting with `RESET <code>\n` / `STOP <code>\n` is reset /
-  # stopped with that code. Their server prints CONNECTED, CLOSED,
-  # STREAM_RESET and STOP_SENDING lines; their client prints one JSON line.
+  # stopped with that code, and a DATAGRAM frame comes back as one. Their
+  # server prints CONNECTED, CLOSED, STREAM_RESET, STOP_SENDING and DATAGRAMS
+  # lines; their client prints one JSON line.
   # MatrixHandler below plays the same server on our side.
   #
   # ngtcp2's programs speak only HTTP/3 (ALPN h3), so its rows are
@@ -77,7 +78,8 @@ defmodule Quichex.InteropMatrixTest do
     {:chacha20, "ChaCha20-Poly1305 only", @echo_peers, @both},
     {:key_update, "key update during 4 MB", @echo_peers, [:server]},
     {:idle_timeout, "idle timeout", @echo_peers, @both},
-    {:version_negotiation, "version negotiation", @echo_peers ++ [:ngtcp2], [:server]}
+    {:version_negotiation, "version negotiation", @echo_peers ++ [:ngtcp2], [:server]},
+    {:dgram, "datagrams", @echo_peers, @both}
   ]
 
   @mb 1_000_000
@@ -88,6 +90,19 @@ defmodule Quichex.InteropMatrixTest do
 
   # First versions offered in the version negotiation case.
   @unknown_version %{aioquic: "0x1a2a3a4a", quinn: "0xff00001d", ngtcp2: "0x1a2a3a4a"}
+
+  # The datagram case: how many, how large, and the share that must come
+  # back (DATAGRAM frames are never retransmitted). They go out in bursts,
+  # each followed by a wait for the echoes: sent all at once, a whole
+  # congestion window reaches the peer in one go and overflows the UDP
+  # receive buffer of a slow one (aioquic, in Python). Both directions use
+  # the same bursts (the peers' --dgram-burst).
+  @dgrams 200
+  @dgram_size 1_000
+  @dgram_burst 20
+  @dgram_min_echoed 180
+  # Stop waiting for echoes after this long without one.
+  @dgram_quiet 500
 
   # H3_NO_ERROR, for closing HTTP/3 connections politely.
   @h3_no_error 0x100
@@ -108,8 +123,9 @@ defmodule Quichex.InteropMatrixTest do
     # `STOP <code>\n` at the start of a bidi stream make us call
     # Quichex.Stream.shutdown(:write / :read) with that code. A uni stream is
     # echoed on a new uni stream after its FIN. With `silent: true` streams
-    # are read and ignored (for HTTP/3 clients). Everything observed is sent
-    # to the test process as {:matrix_..., ...} messages.
+    # are read and ignored (for HTTP/3 clients). Every DATAGRAM frame is
+    # echoed as one. Everything observed is sent to the test process as
+    # {:matrix_..., ...} messages.
     use Quichex.Handler
 
     alias Quichex.{Connection, Stream}
@@ -126,6 +142,16 @@ defmodule Quichex.InteropMatrixTest do
     @impl Quichex.Handler
     def handle_close(conn, reason, %{test: test}) do
       send(test, {:matrix_closed, conn, reason})
+    end
+
+    @impl Quichex.Handler
+    def handle_datagram(data, conn, %{test: test} = opts) do
+      case Connection.dgram_send(conn, data) do
+        :ok -> :ok
+        {:error, reason} -> send(test, {:matrix_dgram_refused, reason})
+      end
+
+      {:continue, opts}
     end
 
     @impl Quichex.Handler
@@ -607,6 +633,52 @@ defmodule Quichex.InteropMatrixTest do
     assert_version_negotiated(listener)
   end
 
+  # --- datagrams (RFC 9221): echoed one by one; a few may be lost, none may
+  # be corrupted, duplicated or made up.
+
+  defp run(:dgram, peer, :client, _context) do
+    {server, port} = echo_server!(peer)
+    conn = connect_to!(port, enable_dgram: true)
+
+    {:ok, max} = Connection.dgram_max_size(conn)
+    assert max >= @dgram_size
+    assert {:error, {:too_big, ^max}} = Connection.dgram_send(conn, random_bytes(max + 1))
+
+    # Each one unique: its index, then random bytes.
+    sent = for i <- 1..@dgrams, do: <<i::32, random_bytes(@dgram_size - 4)::binary>>
+
+    echoes =
+      sent
+      |> Enum.chunk_every(@dgram_burst)
+      |> Enum.reduce([], fn burst, echoes ->
+        Enum.each(burst, &(:ok = Connection.dgram_send(conn, &1)))
+        receive_dgrams(conn, echoes, length(echoes) + length(burst), @dgram_quiet)
+      end)
+
+    :ok = Connection.close(conn, error_code: 0, reason: "done")
+    # Late ones count too (for duplicates and strangers).
+    echoes = Enum.reverse(receive_dgrams(conn, echoes, :infinity, 0))
+
+    assert_dgram_echoes(sent, echoes)
+    # What the server received lies between what came back and what we sent.
+    [_, got] = Interop.await_line(server, ~r/^DATAGRAMS (\d+)$/)
+    assert String.to_integer(got) in length(echoes)..@dgrams
+  end
+
+  defp run(:dgram, peer, :server, _context) do
+    {_listener, port} = our_listener(config_opts: [enable_dgram: true])
+    args = ["--streams", "0", "--dgrams", "#{@dgrams}", "--dgram-size", "#{@dgram_size}"]
+    args = args ++ ["--dgram-burst", "#{@dgram_burst}"]
+    result = client!(peer, port, args, 20_000)
+    refused = for {:matrix_dgram_refused, reason} <- flush_messages(), do: reason
+
+    # The client checks each echo byte for byte (dgrams_bad: echoes that
+    # match nothing it sent).
+    assert %{dgrams_sent: @dgrams, dgrams_dup: 0, dgrams_bad: 0} = result
+    assert result.dgrams_echoed >= @dgram_min_echoed, inspect({result, refused: refused})
+    assert refused == [], "our dgram_send/3 refused echoes: #{inspect(Enum.frequencies(refused))}"
+  end
+
   ## Our side
 
   # A listener on 127.0.0.1 running MatrixHandler. Options: :alpn,
@@ -733,6 +805,51 @@ defmodule Quichex.InteropMatrixTest do
         :ok = Quichex.Stream.send(stream, acc, fin: true)
     after
       5_000 -> flunk("the client's stream did not finish within 5 s")
+    end
+  end
+
+  # Adds {:quic_dgram, conn, data} messages to `acc` (newest first) until it
+  # holds `target` of them or none came for `quiet` ms.
+  defp receive_dgrams(conn, acc, target, quiet) do
+    if is_integer(target) and length(acc) >= target do
+      acc
+    else
+      receive do
+        {:quic_dgram, ^conn, data} -> receive_dgrams(conn, [data | acc], target, quiet)
+      after
+        quiet -> acc
+      end
+    end
+  end
+
+  # Every echo is a datagram we sent, byte for byte, at most once, and
+  # enough of them came back.
+  defp assert_dgram_echoes(sent, echoes) do
+    by_index = Map.new(sent, fn <<i::32, _::binary>> = d -> {i, d} end)
+
+    strangers =
+      Enum.reject(echoes, fn
+        <<i::32, _::binary>> = d -> by_index[i] == d
+        _ -> false
+      end)
+
+    dups = for {d, n} <- Enum.frequencies(echoes), n > 1, do: d
+
+    assert strangers == [],
+           "#{length(strangers)} echoes are not datagrams we sent, sizes " <>
+             inspect(Enum.map(strangers, &byte_size/1))
+
+    assert dups == [], "#{length(dups)} datagrams came back more than once"
+
+    assert length(echoes) >= @dgram_min_echoed,
+           "only #{length(echoes)} of #{length(sent)} datagrams came back"
+  end
+
+  defp flush_messages(acc \\ []) do
+    receive do
+      msg -> flush_messages([msg | acc])
+    after
+      0 -> Enum.reverse(acc)
     end
   end
 

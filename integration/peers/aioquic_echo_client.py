@@ -3,9 +3,10 @@
 
 Sends SIZE deterministic bytes + FIN on each of N bidi and M uni streams,
 checks every echo (bidi: same stream; uni: one server uni stream each,
-matched by content), optionally resets/stops extra streams or asks the server
-to, closes with the given application code and reason (or waits for an idle
-timeout), and prints one JSON line: {"ok", "alpn", "bidi", "uni", "bytes",
+matched by content), optionally sends DATAGRAM frames in bursts and counts
+their echoes, resets/stops extra streams or asks the server to, closes with
+the given application code and reason (or waits for an idle timeout), and
+prints one JSON line: {"ok", "alpn", "bidi", "uni", "bytes",
 "key_phase", "mbps", "error"} plus a key per optional flag used. Exit status
 0 when ok, else 1.
 """
@@ -24,6 +25,7 @@ from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
+    DatagramFrameReceived,
     HandshakeCompleted,
     StopSendingReceived,
     StreamDataReceived,
@@ -33,6 +35,8 @@ from aioquic.tls import CipherSuite, Epoch
 
 
 CLOSE_GRACE = 0.25  # seconds to linger after sending CONNECTION_CLOSE
+DGRAM_QUIET = 0.5  # --dgrams: stop waiting for echoes after this long without one
+MAX_DATAGRAM_FRAME = 65536  # --dgrams: our max_datagram_frame_size transport parameter
 
 
 class Failure(Exception):
@@ -52,6 +56,7 @@ class EchoClientProtocol(QuicConnectionProtocol):
         self.stops: dict[int, int] = {}  # stream -> STOP_SENDING code received
         self.special: set[int] = set()  # streams a peer may reset: not errors
         self.terminated: ConnectionTerminated | None = None
+        self.datagrams: list[bytes] = []  # DATAGRAM payloads received, in order
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -60,6 +65,8 @@ class EchoClientProtocol(QuicConnectionProtocol):
             self.received.setdefault(event.stream_id, bytearray()).extend(event.data)
             if event.end_stream:
                 self.finished.add(event.stream_id)
+        elif isinstance(event, DatagramFrameReceived):
+            self.datagrams.append(event.data)
         elif isinstance(event, StreamReset):
             self.resets[event.stream_id] = event.error_code
             if event.stream_id not in self.special:
@@ -98,6 +105,11 @@ def payload(index: int, size: int) -> bytes:
     return random.Random(index).randbytes(size)
 
 
+def dgram_payload(index: int, size: int) -> bytes:
+    """--dgrams: the index (4 bytes, big-endian), then bytes seeded 2_000_000 + index."""
+    return index.to_bytes(4, "big") + payload(2_000_000 + index, size - 4)
+
+
 async def run(args: argparse.Namespace, result: dict) -> None:
     config = QuicConfiguration(is_client=True, alpn_protocols=[args.alpn])
     config.server_name = args.server_name
@@ -116,6 +128,8 @@ async def run(args: argparse.Namespace, result: dict) -> None:
         config.original_version = args.version
         others = [v for v in config.supported_versions if v != args.version]
         config.supported_versions = [args.version, *others]
+    if args.dgrams:
+        config.max_datagram_frame_size = MAX_DATAGRAM_FRAME
 
     # wait_connected=False: we wait for the handshake ourselves, to report why it failed.
     async with connect(
@@ -134,6 +148,7 @@ async def run(args: argparse.Namespace, result: dict) -> None:
                 except Failure as e:
                     raise Failure(f"handshake failed: {e}")
                 await exchange(args, conn, result)
+                await datagrams(args, conn, result)
                 await specials(args, conn, result)
                 if args.version is not None:
                     result["version"] = conn._quic._version
@@ -197,6 +212,65 @@ async def exchange(args: argparse.Namespace, conn: EchoClientProtocol, result: d
     result.update(bidi=len(bidi), uni=args.uni, bytes=args.size * len(streams))
     result["key_phase"] = quic._cryptos[Epoch.ONE_RTT].send.key_phase
     result["mbps"] = round(result["bytes"] / max(time.monotonic() - started, 1e-9) / 1e6, 2)
+
+
+async def datagrams(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
+    """--dgrams N: send N DATAGRAM frames of --dgram-size bytes, --dgram-burst
+    at a time; after each burst, wait until every datagram sent so far is
+    back or none came for DGRAM_QUIET seconds."""
+    if not args.dgrams:
+        return
+    quic = conn._quic
+    peer_max = quic._remote_max_datagram_frame_size
+    if peer_max is None:
+        raise Failure("the server does not accept DATAGRAM frames")
+    # The frame (type, a length of up to 4 bytes, payload) must stay below the peer's limit.
+    if 1 + 4 + args.dgram_size >= peer_max:
+        raise Failure(
+            f"--dgram-size {args.dgram_size}: the server takes frames below {peer_max} bytes"
+        )
+    sent = [dgram_payload(i, args.dgram_size) for i in range(args.dgrams)]
+    burst = args.dgram_burst or len(sent)
+    echoed: set[int] = set()
+    dup = bad = 0
+    checked = 0  # conn.datagrams[:checked] are counted
+
+    def count() -> None:
+        nonlocal checked, dup, bad
+        for data in conn.datagrams[checked:]:
+            index = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+            if 0 <= index < len(sent) and data == sent[index]:
+                if index in echoed:
+                    dup += 1
+                echoed.add(index)
+            else:
+                bad += 1
+        checked = len(conn.datagrams)
+
+    for start in range(0, len(sent), burst):
+        for data in sent[start:start + burst]:
+            quic.send_datagram_frame(data)
+        conn.transmit()
+        target = min(start + burst, len(sent))
+        while True:
+            count()
+            if len(echoed) >= target or conn.error:
+                break
+            conn.changed.clear()
+            try:
+                await asyncio.wait_for(conn.changed.wait(), DGRAM_QUIET)
+            except TimeoutError:
+                break
+        if conn.error:
+            break
+    result.update(dgrams_sent=len(sent), dgrams_echoed=len(echoed), dgrams_dup=dup,
+                  dgrams_bad=bad)
+    if conn.error:
+        raise Failure(conn.error)
+    if dup or bad:
+        raise Failure(f"datagram echoes: {dup} duplicated, {bad} not sent by us")
+    if not echoed:
+        raise Failure(f"none of the {len(sent)} datagrams came back")
 
 
 async def specials(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
@@ -299,4 +373,11 @@ if __name__ == "__main__":
     parser.add_argument("--ask-stop", type=int, help="ask the server to STOP_SENDING (STOP N)")
     parser.add_argument("--wait-idle", type=float, help="do not close: wait S s for an idle timeout")
     parser.add_argument("--version", type=lambda v: int(v, 0), help="first QUIC version offered")
-    sys.exit(asyncio.run(main(parser.parse_args())))
+    parser.add_argument("--dgrams", type=int, default=0, help="DATAGRAM frames to send")
+    parser.add_argument("--dgram-size", type=int, default=1000, help="bytes per DATAGRAM (>= 4)")
+    parser.add_argument("--dgram-burst", type=int, default=20,
+                        help="DATAGRAMs sent before waiting for their echoes (0: all)")
+    args = parser.parse_args()
+    if args.dgrams and args.dgram_size < 4:
+        parser.error("--dgram-size must be at least 4 (the index)")
+    sys.exit(asyncio.run(main(args)))

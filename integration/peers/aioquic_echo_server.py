@@ -10,8 +10,9 @@ on a new server uni stream.
 stdout (one line each, flushed): `LISTENING <port>` once bound,
 `CONNECTED <alpn>` per completed handshake, `CLOSED <code> <reason>` per
 connection the peer closed, `STREAM_RESET <id> <code>` / `STOP_SENDING <id>
-<code>` when the client resets a stream / stops one of ours. Exits when
-killed or when stdin reaches EOF.
+<code>` when the client resets a stream / stops one of ours, `DATAGRAMS <n>`
+when a connection that carried DATAGRAM frames ends. Every DATAGRAM frame is
+echoed as a DATAGRAM frame. Exits when killed or when stdin reaches EOF.
 """
 
 import argparse
@@ -25,6 +26,7 @@ from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
+    DatagramFrameReceived,
     HandshakeCompleted,
     StopSendingReceived,
     StreamDataReceived,
@@ -40,6 +42,7 @@ def say(line: str) -> None:
 
 COMMANDS = (b"RESET ", b"STOP ")
 MAX_COMMAND = 32  # a command line is at most this long
+MAX_DATAGRAM_FRAME = 65536  # our max_datagram_frame_size transport parameter
 
 
 def parse_command(head: bytes):
@@ -63,6 +66,7 @@ class EchoServerProtocol(QuicConnectionProtocol):
         # bidi stream -> first bytes not yet classified (None once it is).
         self._head: dict[int, bytearray | None] = {}
         self._commanded: set[int] = set()  # bidi streams that carried a command
+        self._datagrams = 0  # DATAGRAM frames received (and echoed)
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -78,12 +82,17 @@ class EchoServerProtocol(QuicConnectionProtocol):
                     del self._uni[sid]
                     out = self._quic.get_next_available_stream_id(is_unidirectional=True)
                     self._quic.send_stream_data(out, bytes(buf), end_stream=True)
+        elif isinstance(event, DatagramFrameReceived):
+            self._datagrams += 1
+            self._quic.send_datagram_frame(event.data)
         elif isinstance(event, StreamReset):
             self._uni.pop(event.stream_id, None)
             say(f"STREAM_RESET {event.stream_id} {event.error_code}")
         elif isinstance(event, StopSendingReceived):
             say(f"STOP_SENDING {event.stream_id} {event.error_code}")
         elif isinstance(event, ConnectionTerminated):
+            if self._datagrams:
+                say(f"DATAGRAMS {self._datagrams}")
             # aioquic reports its own idle timeout with this exact reason.
             if event.reason_phrase != "Idle timeout" or event.frame_type != 0:
                 reason = event.reason_phrase.replace("\n", " ")
@@ -129,6 +138,7 @@ async def main(args: argparse.Namespace) -> None:
         is_client=False,
         alpn_protocols=args.alpn or ["quichex-echo"],
         idle_timeout=args.idle_timeout,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME,
     )
     config.load_cert_chain(args.cert, args.key)
     if args.chacha20:

@@ -3,8 +3,9 @@
 //! `quinn_peer server ...` and `quinn_peer client ...` mirror
 //! `../aioquic_echo_server.py` and `../aioquic_echo_client.py`: same flags,
 //! same echo protocol (including the `RESET <code>` / `STOP <code>` stream
-//! commands), same stdout lines (the client's JSON line has `key_update`
-//! instead of `key_phase`). See `../README.md`.
+//! commands, DATAGRAM frames echoed as DATAGRAM frames), same stdout lines
+//! (the client's JSON line has `key_update` instead of `key_phase`). See
+//! `../README.md`.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{
-    ConnectionError, Endpoint, Incoming, ReadError, ReadToEndError, TransportConfig, VarInt,
+    ConnectionError, Endpoint, Incoming, ReadError, ReadToEndError, SendDatagramError,
+    TransportConfig, VarInt,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring as provider, CryptoProvider};
@@ -30,6 +32,10 @@ use tokio::task::JoinSet;
 /// Seconds the client lingers after sending CONNECTION_CLOSE (as the aioquic client).
 const CLOSE_GRACE: Duration = Duration::from_millis(250);
 const DEFAULT_ALPN: &str = "quichex-echo";
+/// `--dgrams`: stop waiting for echoes after this long without one.
+const DGRAM_QUIET: Duration = Duration::from_millis(500);
+/// Bytes of DATAGRAM payloads buffered each way (quinn's defaults are about as large).
+const DGRAM_BUFFER: usize = 1 << 20;
 
 fn main() -> ExitCode {
     let mut argv: VecDeque<String> = std::env::args().skip(1).collect();
@@ -64,7 +70,8 @@ fn usage(msg: &str) -> ! {
          quinn_peer client [--host H] --port N [--alpn NAME] [--cafile PEM | --insecure] \
          [--server-name NAME] [--streams N] [--uni N] [--size BYTES] [--close-code N] \
          [--close-reason TEXT] [--timeout S] [--key-update] [--chacha20] [--reset-code N] \
-         [--stop-code N] [--ask-reset N] [--ask-stop N] [--wait-idle S] [--version HEX]"
+         [--stop-code N] [--ask-reset N] [--ask-stop N] [--wait-idle S] [--version HEX] \
+         [--dgrams N] [--dgram-size BYTES] [--dgram-burst N]"
     );
     std::process::exit(2) // like argparse
 }
@@ -97,6 +104,9 @@ struct Args {
     ask_stop: Option<u64>,
     wait_idle: Option<f64>,
     version: Option<u32>,
+    dgrams: usize,
+    dgram_size: usize,
+    dgram_burst: usize,
 }
 
 impl Args {
@@ -127,6 +137,9 @@ impl Args {
             ask_stop: None,
             wait_idle: None,
             version: None,
+            dgrams: 0,
+            dgram_size: 1000,
+            dgram_burst: 20,
         };
         while let Some(arg) = argv.pop_front() {
             let (flag, inline) = match arg.split_once('=') {
@@ -163,6 +176,9 @@ impl Args {
                 "--ask-reset" => a.ask_reset = Some(num(&flag, value()?)?),
                 "--ask-stop" => a.ask_stop = Some(num(&flag, value()?)?),
                 "--wait-idle" => a.wait_idle = Some(num(&flag, value()?)?),
+                "--dgrams" => a.dgrams = num(&flag, value()?)?,
+                "--dgram-size" => a.dgram_size = num(&flag, value()?)?,
+                "--dgram-burst" => a.dgram_burst = num(&flag, value()?)?,
                 "--version" => {
                     let v = value()?;
                     let hex = v.trim_start_matches("0x").trim_start_matches("0X");
@@ -183,6 +199,9 @@ impl Args {
         }
         if a.cafile.is_some() && a.insecure {
             return Err("--cafile and --insecure are mutually exclusive".into());
+        }
+        if a.dgrams > 0 && a.dgram_size < 4 {
+            return Err("--dgram-size must be at least 4 (the index)".into());
         }
         Ok(a)
     }
@@ -221,7 +240,9 @@ fn transport(idle_timeout: Duration) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(idle_timeout.try_into().expect("idle timeout")))
         .max_concurrent_bidi_streams(1000u32.into())
-        .max_concurrent_uni_streams(1000u32.into());
+        .max_concurrent_uni_streams(1000u32.into())
+        .datagram_receive_buffer_size(Some(DGRAM_BUFFER))
+        .datagram_send_buffer_size(DGRAM_BUFFER);
     Arc::new(t)
 }
 
@@ -438,7 +459,26 @@ async fn serve_connection(incoming: Incoming) {
             });
         }
     });
-    report_close(&conn.closed().await);
+    // DATAGRAM frames: each one echoed as it comes, counted for `DATAGRAMS <n>`.
+    let datagrams = Arc::new(AtomicUsize::new(0));
+    let (dgram_conn, count) = (conn.clone(), datagrams.clone());
+    tokio::spawn(async move {
+        while let Ok(data) = dgram_conn.read_datagram().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            // One that does not fit in our packets (TooLarge) is not echoed.
+            if let Err(SendDatagramError::ConnectionLost(_)) =
+                dgram_conn.send_datagram_wait(data).await
+            {
+                break;
+            }
+        }
+    });
+    let closed = conn.closed().await;
+    let n = datagrams.load(Ordering::SeqCst);
+    if n > 0 {
+        say(&format!("DATAGRAMS {n}"));
+    }
+    report_close(&closed);
 }
 
 /// What the first bytes of a bidi stream ask for.
@@ -843,6 +883,9 @@ async fn run_client(
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     report.mbps = report.bytes as f64 / secs / 1e6;
+    if let Err(e) = datagrams(args, &conn, report).await {
+        return Err((Some(conn), e));
+    }
     if let Err(e) = specials(args, &conn, report).await {
         return Err((Some(conn), e));
     }
@@ -867,6 +910,93 @@ async fn run_client(
             .push(("ended_after_ms", waited.elapsed().as_millis().to_string()));
     }
     Ok(conn)
+}
+
+/// `--dgrams N`: the index (4 bytes, big-endian), then bytes seeded 2_000_000 + index.
+fn dgram_payload(index: usize, size: usize) -> Vec<u8> {
+    let mut out = (index as u32).to_be_bytes().to_vec();
+    out.extend(payload(2_000_000 + index as u64, size - 4));
+    out
+}
+
+/// `--dgrams N`: sends N DATAGRAM frames of `--dgram-size` bytes,
+/// `--dgram-burst` at a time; after each burst, waits until every datagram
+/// sent so far is back or none came for `DGRAM_QUIET`.
+async fn datagrams(
+    args: &Args,
+    conn: &quinn::Connection,
+    report: &mut Report,
+) -> Result<(), String> {
+    if args.dgrams == 0 {
+        return Ok(());
+    }
+    match conn.max_datagram_size() {
+        None => return Err("the server does not accept DATAGRAM frames".into()),
+        Some(max) if args.dgram_size > max => {
+            return Err(format!(
+                "--dgram-size {}: the largest datagram that fits now is {max} bytes",
+                args.dgram_size
+            ))
+        }
+        Some(_) => {}
+    }
+    let sent: Vec<Vec<u8>> = (0..args.dgrams)
+        .map(|i| dgram_payload(i, args.dgram_size))
+        .collect();
+    let burst = if args.dgram_burst == 0 {
+        sent.len()
+    } else {
+        args.dgram_burst
+    };
+    let mut echoed = vec![false; sent.len()];
+    let (mut count, mut dup, mut bad) = (0, 0, 0);
+    for (round, chunk) in sent.chunks(burst).enumerate() {
+        for data in chunk {
+            conn.send_datagram_wait(data.clone().into())
+                .await
+                .map_err(|e| format!("send_datagram: {e}"))?;
+        }
+        let target = round * burst + chunk.len();
+        while count < target {
+            // quinn buffers what arrives meanwhile (DGRAM_BUFFER bytes).
+            let data = match tokio::time::timeout(DGRAM_QUIET, conn.read_datagram()).await {
+                Err(_) => break, // none for DGRAM_QUIET
+                Ok(Err(e)) => return Err(describe(&e)),
+                Ok(Ok(data)) => data,
+            };
+            let index = data
+                .get(..4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            match index {
+                Some(i) if i < sent.len() && data[..] == sent[i][..] => {
+                    if echoed[i] {
+                        dup += 1;
+                    } else {
+                        echoed[i] = true;
+                        count += 1;
+                    }
+                }
+                _ => bad += 1,
+            }
+        }
+    }
+    for (key, n) in [
+        ("dgrams_sent", sent.len()),
+        ("dgrams_echoed", count),
+        ("dgrams_dup", dup),
+        ("dgrams_bad", bad),
+    ] {
+        report.extra.push((key, n.to_string()));
+    }
+    if dup > 0 || bad > 0 {
+        return Err(format!(
+            "datagram echoes: {dup} duplicated, {bad} not sent by us"
+        ));
+    }
+    if count == 0 {
+        return Err(format!("none of the {} datagrams came back", sent.len()));
+    }
+    Ok(())
 }
 
 /// `--reset-code`, `--stop-code`, `--ask-reset`, `--ask-stop`: one new bidi
