@@ -3,6 +3,7 @@
 #     make bench                      # every scenario, 3 runs each
 #     mix run bench/bench.exs -- --only rtt,bulk --runs 1 --bulk-size 104857600
 #     mix run bench/bench.exs -- --idle 100000
+#     mix run bench/bench.exs -- --only dgram --runs 1 --dgram-seconds 10
 #
 # Each scenario runs the Rust baseline (bench/quiche_baseline: quiche over
 # plain UDP sockets, no BEAM) and then the same scenario through the public
@@ -23,9 +24,18 @@
 #   handshakes, handshakes_64   sequential / 64 in flight
 #   streams              1000 concurrent streams x 1 MB on one connection
 #   idle                 memory per idle connection (--idle connections)
+#   dgram (+ dgram_loss) DATAGRAMs (RFC 9221) of --dgram-size bytes (1200)
+#                        echoed by the server for --dgram-seconds (5):
+#                        echoes received per second, and the percentage
+#                        sent but never echoed. The client keeps at most
+#                        256 numbered datagrams in flight past the
+#                        highest echoed, backs off on a full send queue, and
+#                        then collects echoes until 200 ms pass without one.
+#                        Target: >= 0.7x raw quiche.
 #
 # The client streams are passive (`active: false`, read with
-# Quichex.Stream.recv/2); the servers are `use Quichex.Handler` modules.
+# Quichex.Stream.recv/2); the servers are `use Quichex.Handler` modules. The
+# dgram client is active: echoes arrive as {:quic_dgram, conn, data}.
 
 defmodule Bench.Sink do
   @moduledoc "Reads and discards a stream; answers \"ok\" with FIN after the peer's FIN."
@@ -78,6 +88,27 @@ defmodule Bench.ReplyClose do
   end
 end
 
+defmodule Bench.DgramEcho do
+  @moduledoc """
+  Sends every DATAGRAM back. An echo the full send queue refuses is dropped
+  (as the baseline's dgram_echo server does) and counted in the `:counters`
+  given as handler options; so is one that no longer fits the path. Echoes
+  after the client closed (`{:error, :closed}`) are not counted.
+  """
+  use Quichex.Handler
+
+  @impl Quichex.Handler
+  def handle_datagram(data, conn, refused) do
+    case Quichex.Connection.dgram_send(conn, data) do
+      {:error, :queue_full} -> :counters.add(refused, 1, 1)
+      {:error, {:too_big, _}} -> :counters.add(refused, 1, 1)
+      _ok_or_closed -> :ok
+    end
+
+    {:continue, refused}
+  end
+end
+
 defmodule Bench do
   @alpn "quichex-bench"
   @baseline_dir Path.expand("quiche_baseline", __DIR__)
@@ -95,6 +126,18 @@ defmodule Bench do
     max_send_udp_payload_size: 1350
   ]
 
+  # The dgram scenario's settings (the baseline's DGRAM_QUEUE_LEN; the
+  # other scenarios run without datagrams, as their baseline does).
+  @dgram_config [enable_dgram: true, dgram_recv_queue_len: 1000, dgram_send_queue_len: 1000]
+  # Datagram numbers in flight past the highest one echoed.
+  @dgram_window 256
+  # Window full this long without an echo: what is in flight counts as lost.
+  @dgram_stall_ms 50
+  # After the sending time, collect echoes until none came for this long...
+  @dgram_quiet_ms 200
+  # ...or this long has passed.
+  @dgram_drain_ms 2_000
+
   def main(argv) do
     argv = Enum.drop_while(argv, &(&1 == "--"))
 
@@ -106,7 +149,9 @@ defmodule Bench do
           bulk_size: :integer,
           idle: :integer,
           cc: :string,
-          rtt_rounds: :integer
+          rtt_rounds: :integer,
+          dgram_seconds: :integer,
+          dgram_size: :integer
         ]
       )
 
@@ -117,7 +162,9 @@ defmodule Bench do
       cc: cc,
       bulk_size: opts[:bulk_size] || 1_073_741_824,
       rtt_rounds: opts[:rtt_rounds] || 10_000,
-      idle: opts[:idle] || 10_000
+      idle: opts[:idle] || 10_000,
+      dgram_seconds: opts[:dgram_seconds] || 5,
+      dgram_size: opts[:dgram_size] || 1200
     }
 
     scenarios = scenarios(settings)
@@ -281,26 +328,55 @@ defmodule Bench do
         better: :lower,
         baseline: &idle_baseline(&1, s.idle),
         quichex: &idle_quichex(&1, s.idle)
+      },
+      %{
+        name: "dgram",
+        desc:
+          "#{s.dgram_size} B datagrams echoed for #{s.dgram_seconds} s, echoes received per second (target: >= 0.7x raw)",
+        metric: :per_s,
+        unit: "/s",
+        better: :higher,
+        baseline:
+          &baseline(&1, "dgram_echo", [
+            "--scenario",
+            "dgram",
+            "--seconds",
+            "#{s.dgram_seconds}",
+            "--size",
+            "#{s.dgram_size}",
+            "--window",
+            "#{@dgram_window}"
+          ]),
+        quichex: &dgram_quichex(&1, s.dgram_seconds, s.dgram_size),
+        also: [
+          %{
+            name: "dgram_loss",
+            desc: "#{s.dgram_size} B datagrams echoed, sent but never echoed",
+            metric: :loss_pct,
+            unit: "%",
+            better: :lower
+          }
+        ]
       }
     ]
   end
 
   ## Quichex side
 
-  defp server_config(env, cc) do
+  defp server_config(env, cc, extra) do
     Quichex.Config.new(
       [
         application_protos: [@alpn],
         load_cert_chain_from_pem_file: env.cert,
         load_priv_key_from_pem_file: env.key,
         cc_algorithm: cc
-      ] ++ @transport
+      ] ++ @transport ++ extra
     )
   end
 
-  defp client_config(cc) do
+  defp client_config(cc, extra \\ []) do
     Quichex.Config.new(
-      [application_protos: [@alpn], verify_peer: false, cc_algorithm: cc] ++ @transport
+      [application_protos: [@alpn], verify_peer: false, cc_algorithm: cc] ++ @transport ++ extra
     )
   end
 
@@ -314,13 +390,14 @@ defmodule Bench do
     end
   end
 
-  defp start_listener(env, handler) do
+  defp start_listener(env, handler, config_extra \\ [], handler_options \\ []) do
     {:ok, listener} =
       Quichex.Listener.start_link(
         ip: {127, 0, 0, 1},
         port: 0,
-        config: server_config(env, env.settings.cc),
+        config: server_config(env, env.settings.cc, config_extra),
         handler: handler,
+        handler_options: handler_options,
         max_connections: 200_000
       )
 
@@ -465,6 +542,148 @@ defmodule Bench do
     seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
     :ok = Quichex.Connection.close(conn)
     %{bytes: count * size, seconds: seconds, mb_per_s: count * size / seconds / 1_000_000}
+  end
+
+  # The client runs in a process of its own: it is the connection's owner,
+  # and echoes still arriving when it closes die with its mailbox.
+  defp dgram_quichex(env, seconds, size) do
+    refused = :counters.new(1, [:write_concurrency])
+    {listener, port} = start_listener(env, Bench.DgramEcho, @dgram_config, refused)
+
+    try do
+      task = Task.async(fn -> dgram_client(port, seconds, size, env.settings.cc) end)
+      result = Task.await(task, (seconds + 60) * 1_000)
+      Map.put(result, :server_echoes_refused, :counters.get(refused, 1))
+    after
+      Quichex.Listener.stop(listener)
+    end
+  end
+
+  # Mirrors the baseline's dgram client: numbered datagrams, at most
+  # @dgram_window numbers in flight past the highest echoed.
+  defp dgram_client(port, seconds, size, cc) do
+    {:ok, conn} =
+      Quichex.Connection.connect(
+        host: "127.0.0.1",
+        port: port,
+        config: client_config(cc, @dgram_config)
+      )
+
+    :ok = Quichex.Connection.wait_connected(conn, timeout: 10_000)
+    {:ok, max} = Quichex.Connection.dgram_max_size(conn)
+    if max < size, do: raise("datagrams of #{size} B do not fit (max #{max})")
+    start = System.monotonic_time(:microsecond)
+
+    s = %{
+      conn: conn,
+      pad: :binary.copy(<<0xA5>>, size - 8),
+      next: 0,
+      acked: 0,
+      highest: 0,
+      sent: 0,
+      echoed: 0,
+      reordered: 0,
+      queue_full: 0,
+      send_end: start + seconds * 1_000_000,
+      last_echo: start,
+      last_progress: start
+    }
+
+    s = s |> dgram_send_loop() |> dgram_drain()
+    {:ok, stats} = Quichex.Connection.stats(conn)
+    :ok = Quichex.Connection.close(conn)
+    secs = max(s.last_echo - start, 1) / 1_000_000
+
+    %{
+      sent: s.sent,
+      echoed: s.echoed,
+      seconds: secs,
+      per_s: s.echoed / secs,
+      loss_pct: if(s.sent == 0, do: 0.0, else: (s.sent - s.echoed) * 100 / s.sent),
+      reordered: s.reordered,
+      queue_full: s.queue_full,
+      dgrams_sent: stats.dgrams_sent,
+      dgrams_received: stats.dgrams_received,
+      dgrams_dropped_on_send: stats.dgrams_dropped_on_send,
+      dgrams_dropped_on_receive: stats.dgrams_dropped_on_receive,
+      packets_sent: stats.packets_sent,
+      packets_lost: stats.packets_lost
+    }
+  end
+
+  defp dgram_send_loop(s) do
+    s = take_echoes(s)
+    now = System.monotonic_time(:microsecond)
+
+    cond do
+      now >= s.send_end ->
+        s
+
+      s.next - s.acked < @dgram_window ->
+        case Quichex.Connection.dgram_send(s.conn, [<<s.next::64>>, s.pad]) do
+          :ok ->
+            dgram_send_loop(%{s | next: s.next + 1, sent: s.sent + 1})
+
+          # Back off until an echo (the network moved) or a millisecond.
+          {:error, :queue_full} ->
+            dgram_send_loop(await_echo(%{s | queue_full: s.queue_full + 1}, 1))
+
+          {:error, reason} ->
+            raise "dgram_send: #{inspect(reason)}"
+        end
+
+      now - s.last_progress >= @dgram_stall_ms * 1_000 ->
+        dgram_send_loop(%{s | acked: s.next, last_progress: now})
+
+      true ->
+        dgram_send_loop(await_echo(s, min(@dgram_stall_ms, div(s.send_end - now, 1_000) + 1)))
+    end
+  end
+
+  defp dgram_drain(s) do
+    now = System.monotonic_time(:microsecond)
+
+    if s.echoed >= s.sent or now - s.send_end >= @dgram_drain_ms * 1_000 do
+      s
+    else
+      conn = s.conn
+
+      receive do
+        {:quic_dgram, ^conn, <<seq::64, _::binary>>} -> s |> echoed(seq) |> dgram_drain()
+      after
+        @dgram_quiet_ms -> s
+      end
+    end
+  end
+
+  defp take_echoes(%{conn: conn} = s) do
+    receive do
+      {:quic_dgram, ^conn, <<seq::64, _::binary>>} -> s |> echoed(seq) |> take_echoes()
+    after
+      0 -> s
+    end
+  end
+
+  defp await_echo(%{conn: conn} = s, ms) do
+    receive do
+      {:quic_dgram, ^conn, <<seq::64, _::binary>>} -> echoed(s, seq)
+    after
+      ms -> s
+    end
+  end
+
+  defp echoed(s, seq) do
+    now = System.monotonic_time(:microsecond)
+
+    %{
+      s
+      | echoed: s.echoed + 1,
+        reordered: if(seq < s.highest, do: s.reordered + 1, else: s.reordered),
+        highest: max(s.highest, seq + 1),
+        acked: max(s.acked, seq + 1),
+        last_echo: now,
+        last_progress: now
+    }
   end
 
   # Idle connections come from the baseline client (a separate OS process),
@@ -633,7 +852,7 @@ defmodule Bench do
     ours = Enum.map(samples, &to_num(&1.quichex[scenario.metric]))
     mb = median(base)
     mo = median(ours)
-    ratio = if scenario.better == :higher, do: mo / mb, else: mb / mo
+    ratio = if scenario.better == :higher, do: ratio(mo, mb), else: ratio(mb, mo)
 
     %{
       name: scenario.name,
@@ -650,6 +869,11 @@ defmodule Bench do
       details: samples |> List.last() |> Map.get(:quichex)
     }
   end
+
+  # Nothing over nothing (no loss on either side) is even; something over
+  # nothing has no ratio.
+  defp ratio(a, b) when b == 0, do: if(a == 0, do: 1.0, else: nil)
+  defp ratio(a, b), do: a / b
 
   defp to_num(n) when is_number(n), do: n
   defp to_num(_), do: 0.0
@@ -690,12 +914,23 @@ defmodule Bench do
 
     #{table}
 
-    Idle connection breakdown (Quichex, last run): #{inspect(Enum.find_value(rows, fn r -> r.name == "idle" && r.details end))}
+    Idle connection breakdown (Quichex, last run): #{inspect(details(rows, "idle"))}
     """
+
+    md = md <> dgram_details(rows)
 
     File.write!(Path.join(@results_dir, "latest.md"), md)
     File.write!(Path.join(@results_dir, "latest.json"), json(rows))
     IO.puts("\nwrote bench/results/latest.md and latest.json")
+  end
+
+  defp details(rows, name), do: Enum.find_value(rows, fn r -> r.name == name && r.details end)
+
+  defp dgram_details(rows) do
+    case details(rows, "dgram") do
+      nil -> ""
+      d -> "\nDatagram counters (Quichex, last run): #{inspect(d)}\n"
+    end
   end
 
   defp json(rows) do
@@ -719,6 +954,7 @@ defmodule Bench do
     "[\n" <> Enum.join(items, ",\n") <> "\n]\n"
   end
 
+  defp encode(nil), do: "null"
   defp encode(v) when is_binary(v), do: inspect(v)
   defp encode(v) when is_float(v), do: Float.round(v, 3) |> to_string()
   defp encode(v), do: to_string(v)
@@ -727,6 +963,7 @@ defmodule Bench do
     do: :erlang.float_to_binary(v, decimals: if(abs(v) >= 100, do: 0, else: 2))
 
   defp fmt(v) when is_integer(v), do: Integer.to_string(v)
+  defp fmt(nil), do: "n/a"
   defp fmt(v), do: inspect(v)
 
   defp machine do

@@ -3,11 +3,12 @@
 //!
 //! Two roles, run as two processes on 127.0.0.1:
 //!
-//!   quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close
+//!   quiche_baseline server --port 0 --cert PEM --key PEM
+//!       --mode echo|sink|reply_close|dgram_echo
 //!       [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro] [--max-seconds S]
 //!   quiche_baseline client --port P --scenario S [--cc cubic|bbr2]
 //!       [--size BYTES] [--rounds N] [--concurrency N] [--streams N]
-//!       [--gso] [--gro] [--timeout S]
+//!       [--seconds S] [--window N] [--gso] [--gro] [--timeout S]
 //!
 //! The server prints `LISTENING <port>` and serves until its stdin reaches
 //! EOF (or it is killed, or --max-seconds, default 86400, elapse). The client
@@ -47,6 +48,9 @@ const CHUNK: usize = 64 * 1024;
 const PATTERN_PERIOD: usize = 251;
 /// The reply of the reply_close server mode.
 const REPLY: [u8; 64] = [0xa5; 64];
+/// DATAGRAM receive and send queue lengths (the dgram scenario; Quichex's
+/// `dgram_recv_queue_len` / `dgram_send_queue_len` defaults).
+const DGRAM_QUEUE_LEN: usize = 1000;
 
 // Linux UDP socket options (not exported by libc for glibc targets).
 const SOL_UDP: libc::c_int = 17;
@@ -147,6 +151,12 @@ fn make_config(
     c.set_cc_algorithm(cc);
     c.enable_pacing(true);
     Ok(c)
+}
+
+/// DATAGRAM frames (RFC 9221), for the dgram scenario only: the other
+/// scenarios run without them, as the Elixir benchmark's do.
+fn enable_dgram(c: &mut quiche::Config) {
+    c.enable_dgram(true, DGRAM_QUEUE_LEN, DGRAM_QUEUE_LEN);
 }
 
 fn rand_bytes(buf: &mut [u8]) -> Res<()> {
@@ -565,7 +575,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--gso] [--gro] [--timeout S]"
+        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close|dgram_echo [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle|dgram [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--seconds S] [--window N] [--gso] [--gro] [--timeout S]"
     );
     std::process::exit(2);
 }
@@ -584,6 +594,9 @@ mod server {
         /// Reads a request to its FIN, then writes a 64-byte reply and the
         /// FIN in two stream_send calls (the FIN alone, with no data).
         ReplyClose,
+        /// Sends every DATAGRAM back (dgram_recv, then dgram_send); one
+        /// that does not fit in the full send queue is dropped.
+        DgramEcho,
     }
 
     #[derive(Default)]
@@ -610,6 +623,7 @@ mod server {
             "echo" => Mode::Echo,
             "sink" => Mode::Sink,
             "reply_close" => Mode::ReplyClose,
+            "dgram_echo" => Mode::DgramEcho,
             m => return Err(format!("unknown --mode {m}")),
         };
         let (cc, _) = parse_cc(args.str("cc"))?;
@@ -619,6 +633,9 @@ mod server {
         let gro = args.flag("--gro");
 
         let mut config = make_config(cc, Some((cert, key)))?;
+        if mode == Mode::DgramEcho {
+            enable_dgram(&mut config);
+        }
         let sock = bind_udp(port, gro)?;
         let fd = sock.as_raw_fd();
         let local = sock.local_addr().map_err(|e| e.to_string())?;
@@ -852,6 +869,9 @@ mod server {
             // quiche closes the connection itself on fatal errors; flush below.
         }
         if c.conn.is_established() || c.conn.is_in_early_data() {
+            if mode == Mode::DgramEcho {
+                echo_dgrams(c, sbuf);
+            }
             for id in c.conn.readable() {
                 read_stream(c, id, mode, sbuf);
             }
@@ -869,6 +889,15 @@ mod server {
         if !c.dirty {
             c.dirty = true;
             dirty.push(idx);
+        }
+    }
+
+    /// Every received DATAGRAM goes straight back. When quiche's send queue
+    /// is full (Done) the echo is dropped, as the Quichex handler's
+    /// `{:error, :queue_full}` is.
+    fn echo_dgrams(c: &mut SConn, sbuf: &mut [u8]) {
+        while let Ok(n) = c.conn.dgram_recv(sbuf) {
+            let _ = c.conn.dgram_send(&sbuf[..n]);
         }
     }
 
@@ -890,7 +919,7 @@ mod server {
                         match mode {
                             Mode::Sink => st.pending.extend_from_slice(b"ok"),
                             Mode::ReplyClose => st.pending.extend_from_slice(&REPLY),
-                            Mode::Echo => {}
+                            Mode::Echo | Mode::DgramEcho => {}
                         }
                         break;
                     }
@@ -1045,8 +1074,19 @@ mod client {
         /// stdin), process them, and return the indices of touched endpoints
         /// plus whether stdin has an event.
         fn wait(&mut self, eps: &mut [Endpoint], watch_stdin: bool) -> Res<(Vec<usize>, bool)> {
+            self.wait_at_most(eps, watch_stdin, Duration::MAX)
+        }
+
+        /// `wait`, returning after `cap` at the latest.
+        fn wait_at_most(
+            &mut self,
+            eps: &mut [Endpoint],
+            watch_stdin: bool,
+            cap: Duration,
+        ) -> Res<(Vec<usize>, bool)> {
             self.check_deadline()?;
             let mut timeout = self.deadline.saturating_duration_since(Instant::now());
+            timeout = timeout.min(cap);
             for ep in eps.iter() {
                 if let Some(t) = ep.conn.timeout() {
                     timeout = timeout.min(t);
@@ -1169,6 +1209,9 @@ mod client {
             buf: vec![0u8; RECV_BUF_LEN],
             out: vec![0u8; RECV_BUF_LEN],
         };
+        if scenario == "dgram" {
+            enable_dgram(&mut ctx.config);
+        }
         let extra = format!("\"cc\":\"{cc_name}\",\"gso\":{}", ctx.gso);
         match scenario {
             "bulk" => bulk(&mut ctx, args.num("size", 1 << 30)?, &extra),
@@ -1188,6 +1231,13 @@ mod client {
                 &extra,
             ),
             "idle" => idle(&mut ctx, args.num("concurrency", 1000)?, &extra),
+            "dgram" => dgram(
+                &mut ctx,
+                args.num("seconds", 5)?,
+                args.num("size", 1200)? as usize,
+                args.num("window", 256)?.max(1),
+                &extra,
+            ),
             "" => Err("--scenario required".into()),
             s => Err(format!("unknown scenario {s}")),
         }
@@ -1555,6 +1605,108 @@ mod client {
         }
         Ok(format!(
             "{{\"scenario\":\"idle\",\"connections\":{n},{extra}}}"
+        ))
+    }
+
+    /// `dgram`: DATAGRAMs of `size` bytes, each numbered in its first 8
+    /// bytes, sent for `seconds` to a dgram_echo server, counting the echoes.
+    /// At most `window` numbers are in flight past the highest one echoed
+    /// (so a loss does not shrink the window for good); when the window
+    /// stays full for DGRAM_STALL, what is in flight counts as lost. When
+    /// quiche's send queue is full (Done), sending waits for the network.
+    /// After `seconds`, echoes are collected until none came for
+    /// DGRAM_QUIET (at most DGRAM_DRAIN). The rate is echoes per second up
+    /// to the last echo; loss is the fraction sent but never echoed.
+    fn dgram(ctx: &mut Ctx, seconds: u64, size: usize, window: u64, extra: &str) -> Res<String> {
+        const DGRAM_STALL: Duration = Duration::from_millis(50);
+        const DGRAM_QUIET: Duration = Duration::from_millis(200);
+        const DGRAM_DRAIN: Duration = Duration::from_secs(2);
+        if size < 8 {
+            return Err("--size must be at least 8".into());
+        }
+        let mut ep = ctx.connect()?;
+        match ep.conn.dgram_max_writable_len() {
+            Some(max) if max >= size => {}
+            other => return Err(format!("datagrams of {size} B do not fit (max {other:?})")),
+        }
+        let mut payload = vec![0xa5u8; size];
+        let mut rbuf = vec![0u8; RECV_BUF_LEN];
+        let (mut next, mut sent, mut echoed, mut reordered) = (0u64, 0u64, 0u64, 0u64);
+        // Numbers below `acked` are echoed or given up on.
+        let mut acked = 0u64;
+        // One past the highest number echoed.
+        let mut highest = 0u64;
+        let start = Instant::now();
+        let send_end = start + Duration::from_secs(seconds);
+        let mut last_echo = start;
+        let mut last_progress = start;
+        loop {
+            alive(&ep)?;
+            let now = Instant::now();
+            let sending = now < send_end;
+            if sending {
+                while next - acked < window {
+                    payload[..8].copy_from_slice(&next.to_be_bytes());
+                    match ep.conn.dgram_send(&payload) {
+                        Ok(()) => {
+                            next += 1;
+                            sent += 1;
+                        }
+                        Err(quiche::Error::Done) => break,
+                        Err(e) => return Err(format!("dgram_send: {e:?}")),
+                    }
+                }
+                if next - acked >= window && now.duration_since(last_progress) >= DGRAM_STALL {
+                    acked = next;
+                    last_progress = now;
+                }
+            } else if echoed == sent
+                || now.duration_since(last_echo) >= DGRAM_QUIET
+                || now.duration_since(send_end) >= DGRAM_DRAIN
+            {
+                break;
+            }
+            ctx.flush(&mut ep)?;
+            let cap = if sending {
+                send_end.saturating_duration_since(now).min(DGRAM_STALL)
+            } else {
+                DGRAM_QUIET
+            };
+            ctx.wait_at_most(std::slice::from_mut(&mut ep), false, cap)?;
+            while let Ok(n) = ep.conn.dgram_recv(&mut rbuf) {
+                if n < 8 {
+                    return Err(format!("short echo of {n} bytes"));
+                }
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&rbuf[..8]);
+                let seq = u64::from_be_bytes(seq);
+                echoed += 1;
+                // An echo numbered below one that came before it.
+                if seq < highest {
+                    reordered += 1;
+                }
+                highest = highest.max(seq + 1);
+                acked = acked.max(seq + 1);
+                last_echo = Instant::now();
+                last_progress = last_echo;
+            }
+        }
+        let secs = last_echo.duration_since(start).as_secs_f64().max(1e-9);
+        let stats = ep.conn.stats();
+        ctx.close(&mut ep);
+        let loss = if sent == 0 {
+            0.0
+        } else {
+            (sent - echoed) as f64 / sent as f64
+        };
+        Ok(format!(
+            "{{\"scenario\":\"dgram\",\"size\":{size},\"window\":{window},\"send_seconds\":{seconds},\"seconds\":{secs:.6},\"sent\":{sent},\"echoed\":{echoed},\"per_s\":{:.1},\"loss_pct\":{:.3},\"reordered\":{reordered},\"dgrams_sent\":{},\"dgrams_received\":{},\"packets_sent\":{},\"packets_lost\":{},{extra}}}",
+            echoed as f64 / secs,
+            loss * 100.0,
+            stats.dgram_sent,
+            stats.dgram_recv,
+            stats.sent,
+            stats.lost,
         ))
     }
 }
