@@ -16,6 +16,10 @@
 //!   its stream in the flush queue, even when the data sent before it does
 //!   not reach the final offset. Tests `h_*`, `i_*` and `j_*` lose the FIN on
 //!   unpatched quiche 0.30.0, and with patch A alone.
+//! - Patch D (no upstream issue): packets in flight on a path that is no
+//!   longer active are declared lost once later packets are acknowledged on
+//!   another path. Test `k_*` never gets the data on unpatched quiche 0.30.0
+//!   (without timers).
 //!
 //! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
 //! too; they guard behaviour the patches must keep.
@@ -783,4 +787,62 @@ fn j_fin_lost_on_pto_copy_after_original_data_acked() {
     assert!(received.fin, "the server never saw the FIN");
 
     assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// The client's NAT binding changes: what the server sends to the old
+/// address is lost, and the client's next packet arrives from a new one.
+/// Returns the client's new (NATed) address.
+fn nat_rebinding() -> SocketAddr {
+    "127.0.0.1:40001".parse().unwrap()
+}
+
+/// (k) NAT rebinding in the middle of a server-to-client transfer: every
+/// packet the server sent to the client's old address is lost. The server
+/// follows the client to its new address and the lost data is resent once
+/// packets sent on the new path are acknowledged, without timers (on
+/// unpatched quiche, only the old path's PTOs resend it, one or two packets
+/// at a time with exponential backoff).
+#[test]
+fn k_packets_lost_on_the_path_left_behind_are_retransmitted() {
+    const SERVER_UNI_0: u64 = 3;
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+    let payload: Vec<u8> = (0..12_000u32).map(|i| (i % 251) as u8).collect();
+
+    assert_eq!(
+        pipe.server.stream_send(SERVER_UNI_0, &payload, true),
+        Ok(payload.len())
+    );
+    let lost = pipe.server_flush();
+    assert!(lost.len() >= 8, "only {} packets", lost.len());
+
+    // The client's next packets come from its new address.
+    let mut rounds = 0;
+    while !received.fin {
+        rounds += 1;
+        assert!(
+            rounds <= 50,
+            "only {} of {} bytes arrived",
+            received.data.len(),
+            payload.len()
+        );
+
+        pipe.client.send_ack_eliciting().unwrap();
+        let pkts = pipe.client_flush();
+        deliver(&mut pipe.server, &pkts, nat_rebinding(), server_addr());
+
+        // The client's NAT maps the new address back to the one it knows.
+        let pkts = pipe.server_flush();
+        pipe.deliver_to_client(&pkts);
+        if pipe.client.stream_readable(SERVER_UNI_0) {
+            received.read(&mut pipe.client, SERVER_UNI_0);
+        }
+    }
+
+    assert_eq!(received.data, payload);
+    assert!(pipe.server.stats().lost >= lost.len());
+    let paths: Vec<_> = pipe.server.path_stats().collect();
+    assert!(paths
+        .iter()
+        .any(|p| p.peer_addr == nat_rebinding() && p.active));
 }

@@ -8463,6 +8463,43 @@ impl<F: BufFactory> Connection<F> {
                     self.acked_bytes += acked_bytes as u64;
                     self.spurious_lost_count += spurious_losses;
                 }
+
+                // quichex patch D: packet numbers belong to the space, not
+                // to a path. Packets still in flight on a path that is no
+                // longer active (e.g. the one the peer left behind a NAT
+                // rebinding) are declared lost once later packets of the
+                // space are acknowledged on another path, instead of
+                // waiting for that path's own (exponentially backed off)
+                // PTOs to resend them one or two at a time.
+                let largest_acked_any = self
+                    .paths
+                    .iter()
+                    .filter_map(|(_, p)| {
+                        p.recovery.get_largest_acked_on_epoch(epoch)
+                    })
+                    .max();
+
+                if let Some(largest_acked_any) = largest_acked_any {
+                    let active_pid = self.paths.get_active_path_id().ok();
+
+                    for (pid, p) in self.paths.iter_mut() {
+                        if Some(pid) == active_pid {
+                            continue;
+                        }
+
+                        let (lost_packets, lost_bytes) =
+                            p.recovery.on_ack_received_on_other_path(
+                                epoch,
+                                largest_acked_any,
+                                handshake_status,
+                                now,
+                                &self.trace_id,
+                            );
+
+                        self.lost_count += lost_packets;
+                        self.lost_bytes += lost_bytes as u64;
+                    }
+                }
             },
 
             frame::Frame::ResetStream {

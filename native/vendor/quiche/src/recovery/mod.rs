@@ -232,6 +232,15 @@ pub trait RecoveryOps {
     fn on_path_change(
         &mut self, epoch: packet::Epoch, now: Instant, _trace_id: &str,
     ) -> (usize, usize);
+    // quichex patch D: packet `largest_acked` of space `epoch` was
+    // acknowledged on another path. This path's packets sent before it are
+    // checked for loss as if that ACK had been received here: packet numbers
+    // are per space, not per path (RFC 9000, section 9.4: a single loss
+    // recovery context is adequate). Returns (lost packets, lost bytes).
+    fn on_ack_received_on_other_path(
+        &mut self, epoch: packet::Epoch, largest_acked: u64,
+        handshake_status: HandshakeStatus, now: Instant, trace_id: &str,
+    ) -> (usize, usize);
     fn loss_detection_timer(&self) -> Option<Instant>;
     fn cwnd(&self) -> usize;
     fn cwnd_available(&self) -> usize;

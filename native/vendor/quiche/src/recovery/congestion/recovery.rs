@@ -874,6 +874,28 @@ impl RecoveryOps for LegacyRecovery {
         self.detect_lost_packets(epoch, now, trace_id)
     }
 
+    // quichex patch D.
+    fn on_ack_received_on_other_path(
+        &mut self, epoch: Epoch, largest_acked: u64,
+        handshake_status: HandshakeStatus, now: Instant, trace_id: &str,
+    ) -> (usize, usize) {
+        let own = self.epochs[epoch].largest_acked_packet;
+
+        if own.is_some_and(|own| own >= largest_acked) {
+            return (0, 0);
+        }
+
+        // Only for this detection: RTT samples and later detections of this
+        // path keep using its own largest acknowledged packet.
+        self.epochs[epoch].largest_acked_packet = Some(largest_acked);
+        let lost = self.detect_lost_packets(epoch, now, trace_id);
+        self.epochs[epoch].largest_acked_packet = own;
+
+        self.set_loss_detection_timer(handshake_status, now);
+
+        lost
+    }
+
     fn loss_detection_timer(&self) -> Option<Instant> {
         self.loss_timer.time
     }

@@ -1024,6 +1024,30 @@ impl RecoveryOps for GRecovery {
         (lost_packets, lost_bytes)
     }
 
+    // quichex patch D.
+    fn on_ack_received_on_other_path(
+        &mut self, epoch: packet::Epoch, largest_acked: u64,
+        handshake_status: HandshakeStatus, now: Instant, _trace_id: &str,
+    ) -> (usize, usize) {
+        let own = self.epochs[epoch].largest_acked_packet;
+
+        if own.is_some_and(|own| own >= largest_acked) {
+            return (0, 0);
+        }
+
+        // Only for this detection: RTT samples and later detections of this
+        // path keep using its own largest acknowledged packet.
+        self.epochs[epoch].largest_acked_packet = Some(largest_acked);
+        let (lost_bytes, lost_packets) =
+            self.detect_and_remove_lost_packets(epoch, now);
+        self.epochs[epoch].largest_acked_packet = own;
+
+        self.lost_count += lost_packets;
+        self.set_loss_detection_timer(handshake_status, now);
+
+        (lost_packets, lost_bytes)
+    }
+
     fn loss_detection_timer(&self) -> Option<Instant> {
         self.loss_timer.time
     }
