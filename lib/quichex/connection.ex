@@ -199,7 +199,7 @@ defmodule Quichex.Connection do
 
       case DynamicSupervisor.start_child(sup, child_spec(args)) do
         {:ok, pid} -> {:ok, pid}
-        {:error, {%TransportError{} = error, _}} -> {:error, error}
+        {:error, {:shutdown, %TransportError{} = error}} -> {:error, error}
         {:error, reason} -> {:error, reason}
       end
     end
@@ -394,9 +394,12 @@ defmodule Quichex.Connection do
   the peer answered. Returns `{:ok, path_id}` once the connection uses the
   new path, or `{:error, reason}` and the connection stays where it was:
   `:validation_failed`, `:migration_disabled` (the server's
-  `disable_active_migration`), `:out_of_identifiers` (the server gave no
-  spare connection ID), `:server` (only clients migrate), `:timeout` (the
-  call's `:timeout`, default 5000 ms). Path events reach the owner as well.
+  `disable_active_migration`), `:server` (only clients migrate),
+  `:address_family`, a `Quichex.TransportError` with reason
+  `{:socket, reason}` (the local address could not be bound), `:timeout`
+  (the call's `:timeout`, default 5000 ms; a new path needs a spare
+  connection ID from the server, which is waited for within it). Path
+  events reach the owner as well. See the migration guide.
 
       {:ok, path_id} = Quichex.Connection.migrate(conn, {{127, 0, 0, 1}, 0})
   """

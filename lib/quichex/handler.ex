@@ -158,6 +158,23 @@ defmodule Quichex.Handler do
   """
   @callback handle_datagram(data :: binary(), conn(), state :: term()) :: result()
 
+  @doc """
+  The client offered 0-RTT data: `outcome` is `:accepted` or
+  `{:rejected, reason}`. Runs in the connection handler process right after
+  `c:handle_connection/2`; stream callbacks for 0-RTT data may have run
+  already (see the guide on 0-RTT and replay).
+  """
+  @callback handle_early_data(outcome :: :accepted | {:rejected, atom()}, state :: term()) ::
+              result()
+
+  @doc """
+  A network path event on the connection: `{:path_created, path_id, local,
+  peer}`, `{:path_validated, path_id}`, `{:path_failed, path_id, reason}`
+  or `{:peer_migrated, old_peer, new_peer}` (the client moved; the
+  connection followed). Runs in the connection handler process.
+  """
+  @callback handle_path_event(event :: tuple(), conn(), state :: term()) :: result()
+
   @doc "The peer opened `stream`. First callback of a stream process."
   @callback handle_stream_open(stream(), state :: term()) :: result()
 
@@ -188,6 +205,8 @@ defmodule Quichex.Handler do
                       handle_close: 3,
                       handle_info: 2,
                       handle_datagram: 3,
+                      handle_early_data: 2,
+                      handle_path_event: 3,
                       handle_stream_open: 2,
                       handle_data: 3,
                       handle_fin: 2,
@@ -219,6 +238,12 @@ defmodule Quichex.Handler do
       def handle_datagram(_data, _conn, state), do: {:continue, state}
 
       @impl Quichex.Handler
+      def handle_early_data(_outcome, state), do: {:continue, state}
+
+      @impl Quichex.Handler
+      def handle_path_event(_event, _conn, state), do: {:continue, state}
+
+      @impl Quichex.Handler
       def handle_stream_open(_stream, state), do: {:continue, state}
 
       @impl Quichex.Handler
@@ -243,6 +268,8 @@ defmodule Quichex.Handler do
                      handle_close: 3,
                      handle_info: 2,
                      handle_datagram: 3,
+                     handle_early_data: 2,
+                     handle_path_event: 3,
                      handle_stream_open: 2,
                      handle_data: 3,
                      handle_fin: 2,

@@ -43,6 +43,14 @@ defmodule Quichex.Telemetry do
       Measurements: `%{}`.
       Metadata: `%{connection: pid, role: atom, peer_address: {ip, port}, reason: String.t()}`.
 
+    * `[:quichex, :connection, :early_data]` - the outcome of 0-RTT, once the
+      handshake completed: on a client that sent early data, and on a server
+      that was offered some.
+      Measurements: `%{}`.
+      Metadata: `%{connection: pid, role: atom, peer_address: {ip, port},
+      outcome: :accepted | :rejected, reason: atom | nil}` (`reason` says why
+      it was rejected, as in `{:quic_early_data, conn, {:rejected, reason}}`).
+
   ## Stream
 
     * `[:quichex, :stream, :start]` - a stream process started.

@@ -16,6 +16,7 @@ defmodule Quichex.TelemetryTest do
     [:quichex, :connection, :packets_lost],
     [:quichex, :connection, :datagrams_dropped],
     [:quichex, :connection, :log_failed],
+    [:quichex, :connection, :early_data],
     [:quichex, :stream, :start],
     [:quichex, :stream, :stop]
   ]
@@ -154,5 +155,41 @@ defmodule Quichex.TelemetryTest do
 
     {:ok, stream} = Connection.open_stream(conn)
     assert :ok = Stream.send(stream, "still fine", fin: true)
+  end
+
+  test "the 0-RTT outcome, on both sides" do
+    early = [enable_early_data: true]
+    {listener, port} = start_listener(config_opts: early)
+    on_exit(fn -> Listener.stop(listener) end)
+
+    first = connect!(port, config_opts: early)
+    assert_receive {:quic_session_ticket, ^first, ticket}, 5_000
+    :ok = Connection.close(first)
+
+    # A plain handshake has no 0-RTT outcome to report.
+    refute_received {:telemetry, [:quichex, :connection, :early_data], _, %{connection: ^first}}
+
+    {:ok, conn} =
+      Connection.connect(
+        host: "localhost",
+        port: port,
+        config: client_config(early),
+        session: ticket,
+        early_data: true
+      )
+
+    {:ok, stream} = Connection.open_stream(conn)
+    :ok = Stream.send(stream, "early", fin: true)
+
+    assert_receive {:telemetry, [:quichex, :connection, :early_data], %{},
+                    %{connection: ^conn, role: :client, outcome: :accepted, reason: nil}},
+                   5_000
+
+    # Other tests' servers report too: this one's peer is our port.
+    {:ok, %{local_address: {_, local_port}}} = Connection.info(conn)
+
+    assert_receive {:telemetry, [:quichex, :connection, :early_data], %{},
+                    %{role: :server, outcome: :accepted, peer_address: {_, ^local_port}}},
+                   5_000
   end
 end

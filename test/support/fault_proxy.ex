@@ -98,6 +98,12 @@ defmodule Quichex.Test.FaultProxy do
   def blackhole(proxy, ms) when is_integer(ms) and ms >= 0,
     do: GenServer.call(proxy, {:blackhole, ms})
 
+  @doc """
+  Simulates a NAT rebinding: from now on datagrams reach `upstream` from a
+  new socket (a new source port). Returns the new port.
+  """
+  def rebind(proxy), do: GenServer.call(proxy, :rebind)
+
   @doc "Counters per direction: `%{to_server: %{forwarded: n, ...}, to_client: %{...}}`."
   def stats(proxy), do: GenServer.call(proxy, :stats)
 
@@ -154,6 +160,7 @@ defmodule Quichex.Test.FaultProxy do
          port: port,
          upstream: opts[:upstream],
          client: nil,
+         sock_opts: sock_opts,
          rates: rates,
          rand: %{
            to_server: :rand.seed_s(:exsss, {seed, 1, 0x5EED}),
@@ -175,6 +182,13 @@ defmodule Quichex.Test.FaultProxy do
 
   def handle_call({:set, rates}, _from, state),
     do: {:reply, :ok, %{state | rates: Map.merge(state.rates, rates)}}
+
+  def handle_call(:rebind, _from, state) do
+    {:ok, sock} = :gen_udp.open(0, state.sock_opts)
+    :gen_udp.close(state.upstream_sock)
+    {:ok, port} = :inet.port(sock)
+    {:reply, port, %{state | upstream_sock: sock}}
+  end
 
   def handle_call({:blackhole, ms}, _from, state) do
     {:reply, :ok, %{state | blackhole_until: now() + ms}}
@@ -198,8 +212,10 @@ defmodule Quichex.Test.FaultProxy do
     end
   end
 
-  def handle_info({:udp_passive, sock}, state) do
-    :ok = :inet.setopts(sock, active: @active_n)
+  def handle_info({:udp_passive, sock}, state)
+      when sock in [state.client_sock, state.upstream_sock] do
+    # The socket may have been closed by a rebind meanwhile: ignore errors.
+    _ = :inet.setopts(sock, active: @active_n)
     {:noreply, state}
   end
 

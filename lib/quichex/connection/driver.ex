@@ -68,6 +68,7 @@ defmodule Quichex.Connection.Driver do
     data = Mobility.path_events(data, poll.path_events)
     data = Mobility.retired(data, poll.retired_cids)
     data = if poll.established, do: Mobility.refill_cids(data, poll.scids_left), else: data
+    data = Mobility.retry_probes(data, poll.dcids_left)
     data = session(data, poll.session)
 
     data = %{

@@ -84,16 +84,46 @@ defmodule Quichex.Connection.Mobility do
 
   def start_probe(%State{} = data, {ip, port}, peer, kind, from) do
     with :ok <- migration_allowed(data, kind),
-         {:ok, socket, local} <- open_socket(ip, port, peer),
-         {:ok, _seq} <- probe(data, socket, local, peer) do
+         {:ok, socket, local} <- open_socket(ip, port, peer) do
       paths = Paths.put_socket(data.paths, local, socket)
-      {id, _new?, paths} = Paths.id(paths, local, peer)
-      data = %{data | paths: Paths.wait(paths, local, peer, kind, from)}
-      Reports.notify_owner(data, {:quic_path_created, self(), id, local, peer})
-      data
+      probe(%{data | paths: paths}, local, peer, kind, from)
     else
       {:error, reason} -> reply(data, from, {:error, reason})
     end
+  end
+
+  # Probes from the new socket; without a spare connection ID of the peer's
+  # yet (just after the handshake), waits for one (bounded by the caller's
+  # timeout).
+  defp probe(data, local, peer, kind, from) do
+    case Native.connection_probe_path(data.native, local, peer) do
+      {:ok, _seq} ->
+        {id, _new?, paths} = Paths.id(data.paths, local, peer)
+        data = %{data | paths: Paths.wait(paths, local, peer, kind, from)}
+        Reports.notify_owner(data, {:quic_path_created, self(), id, local, peer})
+        data
+
+      {:error, :out_of_identifiers} ->
+        waiting = data.paths.waiting_cid ++ [{local, peer, kind, from}]
+        %{data | paths: %{data.paths | waiting_cid: waiting}}
+
+      {:error, reason} ->
+        data = %{data | paths: Paths.close_socket(data.paths, local)}
+        reply(data, from, {:error, reason})
+    end
+  end
+
+  @doc "Probes that waited for a spare connection ID of the peer's, now that it gave some."
+  def retry_probes(%State{paths: %Paths{waiting_cid: []}} = data, _dcids_left), do: data
+  def retry_probes(data, 0), do: data
+
+  def retry_probes(%State{} = data, _dcids_left) do
+    waiting = data.paths.waiting_cid
+    data = %{data | paths: %{data.paths | waiting_cid: []}}
+
+    Enum.reduce(waiting, data, fn {local, peer, kind, from}, acc ->
+      probe(acc, local, peer, kind, from)
+    end)
   end
 
   defp reply(data, from, reply) do
@@ -128,17 +158,6 @@ defmodule Quichex.Connection.Mobility do
   end
 
   defp open_socket(_ip, _port, _peer), do: {:error, :address_family}
-
-  defp probe(data, socket, local, peer) do
-    case Native.connection_probe_path(data.native, local, peer) do
-      {:ok, seq} ->
-        {:ok, seq}
-
-      {:error, reason} ->
-        :socket.close(socket)
-        {:error, reason}
-    end
-  end
 
   ## Path events
 

@@ -5,14 +5,17 @@ defmodule Quichex.Connection.Paths do
   # extra UDP sockets a client opened to migrate or probe, and the
   # migrate/probe calls waiting for a path's validation.
 
-  defstruct ids: %{}, next: 1, sockets: %{}, pending: %{}
+  # `waiting_cid`: probes started before the peer gave a spare connection ID,
+  # retried when it does: [{local, peer, kind, from}].
+  defstruct ids: %{}, next: 1, sockets: %{}, pending: %{}, waiting_cid: []
 
   @type addr :: {:inet.ip_address(), :inet.port_number()}
   @type t :: %__MODULE__{
           ids: %{{addr, addr} => non_neg_integer()},
           next: pos_integer(),
           sockets: %{addr => :socket.socket()},
-          pending: %{{addr, addr} => {:migrate | :probe, :gen_statem.from()}}
+          pending: %{{addr, addr} => {:migrate | :probe, :gen_statem.from()}},
+          waiting_cid: [{addr, addr, :migrate | :probe, :gen_statem.from()}]
         }
 
   def new(local, peer), do: %__MODULE__{ids: %{{local, peer} => 0}}
@@ -71,6 +74,7 @@ defmodule Quichex.Connection.Paths do
 
   def fail_waiters(paths, reply) do
     Enum.each(paths.pending, fn {_, {_kind, from}} -> :gen_statem.reply(from, reply) end)
-    %{paths | pending: %{}}
+    Enum.each(paths.waiting_cid, fn {_, _, _, from} -> :gen_statem.reply(from, reply) end)
+    %{paths | pending: %{}, waiting_cid: []}
   end
 end

@@ -430,9 +430,11 @@ defmodule Quichex.Connection.Statem do
 
     if (data.role == :client and data.early_data) or (data.role == :server and outcome != :none) do
       Reports.notify_owner(data, {:quic_early_data, self(), told})
+
+      reason = if outcome == :rejected, do: Reports.early_data_reason(info)
+      Reports.event(data, :early_data, %{}, %{outcome: outcome, reason: reason})
     end
 
-    Reports.event(data, :early_data, %{}, %{outcome: outcome, reason: told})
     %{data | early_data_outcome: outcome}
   end
 

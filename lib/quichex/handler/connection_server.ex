@@ -29,6 +29,22 @@ defmodule Quichex.Handler.ConnectionServer do
     result(state.module.handle_connection(conn, state.state), state)
   end
 
+  def handle_info({:quic_early_data, conn, outcome}, %{conn: conn} = state) do
+    result(state.module.handle_early_data(outcome, state.state), state)
+  end
+
+  def handle_info({:quic_path_created, conn, id, local, peer}, %{conn: conn} = state),
+    do: path_event({:path_created, id, local, peer}, state)
+
+  def handle_info({:quic_path_validated, conn, id}, %{conn: conn} = state),
+    do: path_event({:path_validated, id}, state)
+
+  def handle_info({:quic_path_failed, conn, id, reason}, %{conn: conn} = state),
+    do: path_event({:path_failed, id, reason}, state)
+
+  def handle_info({:quic_peer_migrated, conn, old, new}, %{conn: conn} = state),
+    do: path_event({:peer_migrated, old, new}, state)
+
   def handle_info({:quic_dgram, conn, data}, %{conn: conn} = state) do
     result(state.module.handle_datagram(data, conn, state.state), state)
   end
@@ -49,6 +65,9 @@ defmodule Quichex.Handler.ConnectionServer do
   def handle_info(msg, state) do
     result(state.module.handle_info(msg, state.state), state)
   end
+
+  defp path_event(event, state),
+    do: result(state.module.handle_path_event(event, state.conn, state.state), state)
 
   defp closed(reason, state) do
     state.module.handle_close(state.conn, reason, state.state)

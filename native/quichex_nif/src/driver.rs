@@ -66,6 +66,9 @@ struct Poll<'a> {
     retired_cids: Vec<Term<'a>>,
     /// How many more connection IDs the peer accepts from us.
     scids_left: usize,
+    /// How many spare connection IDs of the peer's we hold (a client needs
+    /// one to probe or migrate to a new path).
+    dcids_left: usize,
     /// A session ticket newer than the last one reported (clients).
     session: Option<Term<'a>>,
     in_early_data: bool,
@@ -101,7 +104,11 @@ fn connection_poll<'a>(
         .map(|(from, data, seg)| Ok((decode_addr(from)?, data, seg)))
         .collect::<Result<Vec<_>>>()?;
     // nil: the connection's own local address.
-    let to = if to.is_atom() { None } else { Some(decode_addr(to)?) };
+    let to = if to.is_atom() {
+        None
+    } else {
+        Some(decode_addr(to)?)
+    };
 
     let mut guard = conn.lock()?;
     let inner = &mut *guard;
@@ -145,6 +152,7 @@ fn connection_poll<'a>(
         path_events,
         retired_cids,
         scids_left: c.scids_left(),
+        dcids_left: c.available_dcids(),
         session,
         in_early_data: c.is_in_early_data(),
         dgrams,
