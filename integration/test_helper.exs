@@ -7,4 +7,4 @@ unless :persistent_term.get(:quichex_test_certs, nil) do
 end
 
 ExUnit.configure(formatters: [ExUnit.CLIFormatter, Quichex.Test.MatrixFormatter])
-ExUnit.start(timeout: 300_000)
+ExUnit.start(timeout: 300_000, assert_receive_timeout: 2_000)

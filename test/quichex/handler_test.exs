@@ -1,6 +1,9 @@
 defmodule Quichex.HandlerTest do
   use ExUnit.Case, async: true
 
+  # Some handlers here crash on purpose; their reports show only on failure.
+  @moduletag :capture_log
+
   import Quichex.Test.Helpers
 
   alias Quichex.{Connection, Handler, Listener, Stream}

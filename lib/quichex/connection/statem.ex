@@ -32,7 +32,7 @@ defmodule Quichex.Connection.Statem do
 
   alias Quichex.{Native, Telemetry}
   alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, Requests, Setup, State}
-  alias Quichex.Connection.{Streams, UDP}
+  alias Quichex.Connection.{Streams, Transitions, UDP}
 
   @drain_cap_ms 3_000
 
@@ -367,7 +367,7 @@ defmodule Quichex.Connection.Statem do
         finish(state, data, actions)
 
       state != :draining and (status.draining or data.closing != nil) ->
-        data = closing(state, data)
+        data = Transitions.closing(state, data)
         cap = {{:timeout, :drain_cap}, @drain_cap_ms, :expired}
         {:next_state, :draining, data, [timer, cap | actions]}
 
@@ -383,119 +383,19 @@ defmodule Quichex.Connection.Statem do
       actions: [{{:timeout, :handshake}, :cancel}]
     }
 
-    {:established, on_established(data), status}
+    {:established, Transitions.established(data), status}
   end
 
   defp maybe_established(state, data, poll),
     do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
 
-  defp on_established(data) do
-    {:ok, info} = Native.connection_info(data.native)
-
-    Telemetry.execute(
-      [:quichex, :connection, :handshake],
-      %{duration: System.monotonic_time() - data.started_at},
-      Map.merge(Reports.telemetry_meta(data), %{
-        alpn: info.alpn,
-        retry: Reports.retry_used?(data, info)
-      })
-    )
-
-    Enum.each(data.waiters, &:gen_statem.reply(&1, :ok))
-    data = start_handler(%{data | waiters: []})
-    Reports.notify_owner(data, {:quic_connected, self()})
-    data = early_data(data, info)
-
-    case data.listener do
-      %{mode: :active, pid: listener} ->
-        send(data.owner, {:quic_connection, listener, self(), data.peer})
-
-      _ ->
-        :ok
-    end
-
-    data
-  end
-
-  # The outcome of 0-RTT, now that the handshake tells: in info/2, to a
-  # client's owner (that tried), to a handler, and as a telemetry event.
-  defp early_data(data, info) do
-    outcome = Reports.early_data_outcome(data, info)
-
-    told =
-      case outcome do
-        :rejected -> {:rejected, Reports.early_data_reason(info)}
-        other -> other
-      end
-
-    if (data.role == :client and data.early_data) or (data.role == :server and outcome != :none) do
-      Reports.notify_owner(data, {:quic_early_data, self(), told})
-
-      reason = if outcome == :rejected, do: Reports.early_data_reason(info)
-      Reports.event(data, :early_data, %{}, %{outcome: outcome, reason: reason})
-    end
-
-    %{data | early_data_outcome: outcome}
-  end
-
-  # A listener's handler: its connection process starts now, linked to us,
-  # and becomes the controlling process.
-  defp start_handler(%State{handler: {:connection_handler, module}} = data),
-    do: %{data | runner: Quichex.ConnectionHandler.start_link(module, self(), data.peer)}
-
-  defp start_handler(%State{handler: {:handler, module, options}, owner: nil} = data) do
-    pid = Quichex.Handler.ConnectionServer.start_link(module, options, self())
-    %{data | owner: pid, owner_ref: Process.monitor(pid)}
-  end
-
-  defp start_handler(data), do: data
-
-  # Entering :draining: learn why, tell the owner and the streams.
-  defp closing(state, data) do
-    {code, reason} = Reports.close_reason(state, data)
-    data = %{data | close_code: code, close_reason: reason}
-    Reports.notify_closed(state, data)
-    Driver.end_streams(%{data | waiters: []}, reason)
-  end
-
   defp finish(state, data, actions) do
-    data = if state == :draining, do: data, else: closing(state, data)
+    data = if state == :draining, do: data, else: Transitions.closing(state, data)
     {:next_state, :closed, data, actions ++ [{:next_event, :internal, :stop}]}
   end
 
   @impl :gen_statem
-  def terminate(reason, state, %State{} = data) do
-    # Stopped from outside (a listener or application shutting down) while
-    # still open: tell the peer with CONNECTION_CLOSE instead of leaving it
-    # to its idle timer, and end every stream.
-    data =
-      if state in [:handshaking, :established] do
-        if Native.connection_close(data.native, true, 0, "shutdown") == :ok do
-          {data, _out} = Driver.flush(data)
-          data
-        else
-          data
-        end
-        |> Driver.end_streams(:shutdown)
-      else
-        data
-      end
-
-    if data.owns_socket, do: :socket.close(data.socket)
-    Paths.close_all(data.paths)
-    Mobility.unroute(data, data.cids)
-    Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, :closed}))
-    data.dgrams |> Datagrams.withdraw() |> Datagrams.close()
-
-    Telemetry.stop(
-      :connection,
-      data.started_at || System.monotonic_time(),
-      Map.put(Reports.telemetry_meta(data), :reason, data.close_reason || reason),
-      Reports.stop_measurements(data)
-    )
-
-    :ok
-  end
+  def terminate(reason, state, %State{} = data), do: Transitions.terminated(reason, state, data)
 
   def terminate(_reason, _state, _data), do: :ok
 end
