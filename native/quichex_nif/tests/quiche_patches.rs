@@ -20,6 +20,9 @@
 //!   longer active are declared lost once later packets are acknowledged on
 //!   another path. Test `k_*` never gets the data on unpatched quiche 0.30.0
 //!   (without timers).
+//! - Patch E (no upstream issue): padding added to datagrams carrying
+//!   Initial packets counts against the server's anti-amplification budget.
+//!   Test `l_*` sends more than 3x what it received on unpatched quiche.
 //!
 //! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
 //! too; they guard behaviour the patches must keep.
@@ -845,4 +848,63 @@ fn k_packets_lost_on_the_path_left_behind_are_retransmitted() {
     assert!(paths
         .iter()
         .any(|p| p.peer_addr == nat_rebinding() && p.active));
+}
+
+/// (l) A client's first flight reaches the server, then nothing more (a
+/// spoofed source address). Everything the server sends, its PTO
+/// retransmissions and their padding included, stays within 3x the bytes
+/// it received (RFC 9000, section 8.1). Unpatched quiche 0.30.0 charges
+/// only each packet's own bytes against the budget, not the padding that
+/// brings datagrams carrying Initial packets to 1200 bytes.
+#[test]
+fn l_amplification_budget_counts_padding() {
+    let client_scid = ConnectionId::from_ref(&[0xc1; 16]);
+    let server_scid = ConnectionId::from_ref(&[0x5e; 16]);
+    let mut client_config = config(false, 10);
+    let mut server_config = config(true, 10);
+    // Quick PTOs, so several retransmissions fit in the test.
+    server_config.set_initial_rtt(Duration::from_millis(5));
+
+    let mut client = quiche::connect(
+        Some("quic.tech"),
+        &client_scid,
+        client_addr(),
+        server_addr(),
+        &mut client_config,
+    )
+    .unwrap();
+    let mut server = quiche::accept(
+        &server_scid,
+        None,
+        server_addr(),
+        client_addr(),
+        &mut server_config,
+    )
+    .unwrap();
+
+    let first_flight = flush(&mut client);
+    let received: usize = first_flight.iter().map(Vec::len).sum();
+    deliver(&mut server, &first_flight, client_addr(), server_addr());
+
+    let mut sent: usize = flush(&mut server).iter().map(Vec::len).sum();
+    let mut ptos = 0;
+
+    while ptos < 8 {
+        let Some(timeout) = server.timeout() else {
+            break;
+        };
+        if server.is_closed() {
+            break;
+        }
+        std::thread::sleep(timeout);
+        server.on_timeout();
+        sent += flush(&mut server).iter().map(Vec::len).sum::<usize>();
+        ptos += 1;
+    }
+
+    assert!(ptos >= 3, "only {ptos} timeouts fired");
+    assert!(
+        sent <= 3 * received,
+        "sent {sent} bytes for {received} received"
+    );
 }

@@ -4109,6 +4109,17 @@ impl<F: BufFactory> Connection<F> {
             out[done..done + pad_len].fill(0);
 
             done += pad_len;
+
+            // quichex patch E: padding goes on the wire too, so it counts
+            // against the anti-amplification budget (RFC 9000 section 8.1:
+            // 3x the bytes received before the address is validated). Only
+            // the packets' own bytes were charged in `send_single()`.
+            let send_path = self.paths.get_mut(send_pid)?;
+
+            if self.is_server && !send_path.verified_peer_address {
+                send_path.max_send_bytes =
+                    send_path.max_send_bytes.saturating_sub(pad_len);
+            }
         }
 
         let send_path = self.paths.get(send_pid)?;
