@@ -160,9 +160,10 @@ defmodule Quichex.Config do
       doc: "Largest stream flow-control window auto-tuning may reach, in bytes."
     ],
     max_amplification_factor: [
-      type: {:integer, 1, 1000},
+      type: {:integer, 1, 3},
       default: nil,
-      doc: "Anti-amplification factor before address validation (quiche default 3)."
+      doc:
+        "Servers: at most this many bytes sent per byte received before the client's address is validated (default 3, the most RFC 9000 section 8.1 allows)."
     ],
     initial_congestion_window_packets: [
       type: {:integer, 1, 100_000},

@@ -249,7 +249,10 @@ defmodule Quichex.Connection do
   `packets_sent`, `packets_received`, `packets_lost`,
   `packets_retransmitted`, `stream_bytes_retransmitted`, `pmtu`,
   `delivery_rate`, `send_quantum`, `streams` (open stream processes),
-  `streams_reset_by_peer`, `streams_stopped_by_peer`, and more.
+  `streams_reset_by_peer`, `streams_stopped_by_peer`,
+  `amplification_limited` (servers: times output was held back because the
+  client's address was not validated yet and 3x what it sent had gone out),
+  and more.
 
       {:ok, %{rtt: rtt}} = Quichex.Connection.stats(conn)
   """
@@ -260,8 +263,10 @@ defmodule Quichex.Connection do
   Facts about the connection: `local_address`, `peer_address`, `alpn`,
   `server_name`, `is_server`, `is_established`, `is_closed`, `is_draining`,
   `is_resumed`, `state`, `retry` (Retry was used), `peer_transport_params`,
-  `source_id`, `destination_id`, `peer_cert` (DER), `trace_id`,
-  `max_send_udp_payload_size`, `gso` (UDP GSO in use).
+  `source_id`, `destination_id`, `peer_cert` (the peer's certificate, DER,
+  or nil), `peer_cert_chain` (the chain it sent, leaf first, DER),
+  `resumed`, `early_data`, `trace_id`, `max_send_udp_payload_size`, `gso`
+  (UDP GSO in use).
 
       {:ok, %{alpn: "echo"}} = Quichex.Connection.info(conn)
   """

@@ -45,7 +45,7 @@ defmodule Quichex.ConfigTest do
     {:discover_pmtu, true, [[]]},
     {:max_connection_window, 50_000_000, [0, @big]},
     {:max_stream_window, 20_000_000, [0, @big]},
-    {:max_amplification_factor, 5, [0, 1001]},
+    {:max_amplification_factor, 2, [0, 4]},
     {:initial_congestion_window_packets, 20, [0, 100_001]},
     {:ticket_key, :ticket, [<<1, 2, 3>>, String.duplicate("k", 49)]}
   ]

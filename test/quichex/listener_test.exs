@@ -190,7 +190,7 @@ defmodule Quichex.ListenerTest do
 
     assert_receive {:quic_connection_closed, ^conn, 0,
                     %Quichex.ApplicationError{code: 0, phrase: "shutdown"}},
-                   2_000
+                   5_000
   end
 
   test "a listener is a supervision tree with a child_spec and telemetry" do

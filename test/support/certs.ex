@@ -63,6 +63,45 @@ defmodule Quichex.Test.Certs do
       path.("ext.cnf")
     ])
 
+    # Client certificates (mutual TLS): one from our CA, one from the
+    # unrelated CA.
+    File.write!(path.("client_ext.cnf"), "extendedKeyUsage=clientAuth\n")
+
+    for {name, ca, ca_key} <- [
+          {"client", "ca.pem", "ca.key"},
+          {"rogue_client", "other_ca.pem", "other.key"}
+        ] do
+      openssl!(
+        ["req" | ec] ++
+          [
+            "-keyout",
+            path.(name <> ".key"),
+            "-out",
+            path.(name <> ".csr"),
+            "-subj",
+            "/CN=#{name}"
+          ]
+      )
+
+      openssl!([
+        "x509",
+        "-req",
+        "-in",
+        path.(name <> ".csr"),
+        "-CA",
+        path.(ca),
+        "-CAkey",
+        path.(ca_key),
+        "-CAcreateserial",
+        "-out",
+        path.(name <> ".pem"),
+        "-days",
+        "30",
+        "-extfile",
+        path.("client_ext.cnf")
+      ])
+    end
+
     File.write!(
       path.("garbage.pem"),
       "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
@@ -74,6 +113,10 @@ defmodule Quichex.Test.Certs do
       ca: path.("ca.pem"),
       other_ca: path.("other_ca.pem"),
       other_key: path.("other.key"),
+      client_cert: path.("client.pem"),
+      client_key: path.("client.key"),
+      rogue_client_cert: path.("rogue_client.pem"),
+      rogue_client_key: path.("rogue_client.key"),
       garbage: path.("garbage.pem")
     }
   end

@@ -115,4 +115,47 @@ defmodule Quichex.Test.Helpers do
   end
 
   def random_bytes(n), do: :crypto.strong_rand_bytes(n)
+
+  @doc """
+  A real client's first flight (its Initial datagrams, each at least 1200
+  bytes) for a server at `peer`, as if sent from `local`; the client is
+  dropped, so nobody ever answers the server.
+  """
+  def first_flight(peer \\ {{127, 0, 0, 1}, 4433}, local \\ {{127, 0, 0, 1}, 40_000}) do
+    {:ok, config} = Quichex.Config.build(client_config(), :client)
+    first_flight(config, peer, local)
+  end
+
+  @doc "`count` first flights (see `first_flight/2`), made on every scheduler."
+  def first_flights(count, peer) do
+    {:ok, config} = Quichex.Config.build(client_config(), :client)
+    local = {{127, 0, 0, 1}, 40_000}
+
+    1..count
+    |> Task.async_stream(fn _ -> first_flight(config, peer, local) end,
+      ordered: false,
+      timeout: 60_000
+    )
+    |> Enum.map(fn {:ok, flight} -> flight end)
+  end
+
+  defp first_flight(config, peer, local) do
+    scid = :crypto.strong_rand_bytes(16)
+
+    {:ok, conn} =
+      Quichex.Native.connection_connect(config, "localhost", scid, local, peer, 1, nil)
+
+    {:ok, %{batches: batches}} = Quichex.Native.connection_flush(conn, [], [], 16)
+
+    for {_from, _to, data, seg} <- batches,
+        chunk <- chunks(data, seg),
+        do: chunk
+  end
+
+  defp chunks(data, seg) when byte_size(data) > seg do
+    <<chunk::binary-size(seg), rest::binary>> = data
+    [chunk | chunks(rest, seg)]
+  end
+
+  defp chunks(data, _seg), do: [data]
 end

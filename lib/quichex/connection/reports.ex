@@ -55,6 +55,7 @@ defmodule Quichex.Connection.Reports do
        source_id: i.source_id,
        destination_id: i.destination_id,
        peer_cert: i.peer_cert,
+       peer_cert_chain: i.peer_cert_chain || [],
        peer_transport_params: i.peer_transport_params,
        max_send_udp_payload_size: i.max_send_udp_payload_size,
        gso: data.gso,
@@ -116,6 +117,9 @@ defmodule Quichex.Connection.Reports do
       data.closing == :local ->
         {data.close_code, :local}
 
+      # :refused (a server refusing a client during the handshake) falls
+      # through to the error quiche recorded for the close.
+
       data.closing == :owner_down ->
         {@owner_down_code, :owner_down}
 
@@ -153,7 +157,9 @@ defmodule Quichex.Connection.Reports do
   def notify_closed(:handshaking, %State{} = data) do
     reason = data.close_reason
     Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, reason}))
-    notify_owner(data, {:quic_connection_error, self(), reason})
+
+    # A listener's owner hears of a connection only once it is established.
+    if data.role == :client, do: notify_owner(data, {:quic_connection_error, self(), reason})
   end
 
   def notify_closed(_state, %State{} = data) do

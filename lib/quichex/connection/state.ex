@@ -51,7 +51,8 @@ defmodule Quichex.Connection.State do
     started_at: nil,
     # wait_connected/2 callers.
     waiters: [],
-    # Why we are closing, set when the close starts: :local or :owner_down,
+    # Why we are closing, set when the close starts: :local, :owner_down or
+    # :refused (a server refusing a client at the end of the handshake),
     # and the code we sent; the full reason is read from quiche on draining.
     closing: nil,
     close_code: 0,
@@ -85,7 +86,15 @@ defmodule Quichex.Connection.State do
           stream_active: Quichex.Stream.active(),
           handler: {:handler, module(), term()} | {:connection_handler, module()} | nil,
           runner: pid() | nil,
-          listener: %{pid: pid(), mode: :active | :handler, table: :ets.tid()} | nil,
+          listener:
+            %{
+              pid: pid(),
+              mode: :active | :handler,
+              table: :ets.tid(),
+              socket: pid(),
+              client_cert: :none | :optional | :require
+            }
+            | nil,
           cids: [binary()],
           cid_generator: {module(), term()},
           reset_key: binary(),
@@ -97,7 +106,7 @@ defmodule Quichex.Connection.State do
           retry: boolean(),
           started_at: integer() | nil,
           waiters: [:gen_statem.from()],
-          closing: nil | :local | :owner_down,
+          closing: nil | :local | :owner_down | :refused,
           close_code: non_neg_integer(),
           close_reason: term(),
           streams: Streams.t(),

@@ -48,11 +48,11 @@ defmodule Quichex.Connection.Statem do
     case Setup.open(args) do
       {:ok, data} ->
         data = %{data | started_at: Telemetry.start(:connection, Reports.telemetry_meta(data))}
-        packets = Map.get(args, :initial_packets, [])
-
+        # A server's first packets arrive as a {:quic_packets, _} message
+        # from its listener.
         actions = [
           {{:timeout, :handshake}, args.handshake_timeout, :expired},
-          {:next_event, :internal, {:init, packets}}
+          {:next_event, :internal, {:init, []}}
         ]
 
         {:ok, :handshaking, data, actions}
@@ -347,7 +347,9 @@ defmodule Quichex.Connection.Statem do
       if packets != [] or timer? or Driver.poll_needed?(data) do
         {poll, data} = Driver.poll(data, packets, timer?, to)
         {state, data, status} = maybe_established(state, data, poll)
-        {state, Driver.dispatch(data, poll), status}
+        # A client refused at the end of the handshake reaches no one.
+        data = if data.closing == :refused, do: data, else: Driver.dispatch(data, poll)
+        {state, data, status}
       else
         {state, data, %{draining: false, closed: false, actions: []}}
       end
@@ -377,6 +379,22 @@ defmodule Quichex.Connection.Statem do
   end
 
   defp maybe_established(:handshaking, data, %{established: true} = poll) do
+    case Transitions.refusal(data) do
+      nil -> established(data, poll)
+      {code, phrase} -> refuse(data, poll, code, phrase)
+    end
+  end
+
+  defp maybe_established(state, data, poll),
+    do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
+
+  defp refuse(data, poll, code, phrase) do
+    _ = Native.connection_close(data.native, false, code, phrase)
+    status = %{draining: poll.draining, closed: poll.closed, actions: []}
+    {:handshaking, %{data | closing: :refused}, status}
+  end
+
+  defp established(data, poll) do
     status = %{
       draining: poll.draining,
       closed: poll.closed,
@@ -385,9 +403,6 @@ defmodule Quichex.Connection.Statem do
 
     {:established, Transitions.established(data), status}
   end
-
-  defp maybe_established(state, data, poll),
-    do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
 
   defp finish(state, data, actions) do
     data = if state == :draining, do: data, else: Transitions.closing(state, data)

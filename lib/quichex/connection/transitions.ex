@@ -7,6 +7,22 @@ defmodule Quichex.Connection.Transitions do
   alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, State}
 
   @doc """
+  Whether a server refuses the client whose handshake just completed:
+  `{transport_code, phrase}`, or nil. A listener with `client_cert:
+  :require` refuses a client that sent no certificate (BoringSSL verifies
+  one that is sent, but does not require one) with the TLS alert
+  certificate_required (116).
+  """
+  def refusal(%State{role: :server, listener: %{client_cert: :require}} = data) do
+    case Native.connection_info(data.native) do
+      {:ok, %{peer_cert: nil}} -> {0x100 + 116, "certificate required"}
+      _ -> nil
+    end
+  end
+
+  def refusal(_data), do: nil
+
+  @doc """
   The handshake just completed (before the pass dispatches any stream
   data): telemetry, waiters, the handler process, the owner's messages and
   the 0-RTT outcome.
@@ -22,6 +38,10 @@ defmodule Quichex.Connection.Transitions do
         retry: Reports.retry_used?(data, info)
       })
     )
+
+    # The listener's socket process counts pending handshakes.
+    with %{socket: socket} when is_pid(socket) <- data.listener,
+         do: send(socket, {:quichex_established, self()})
 
     Enum.each(data.waiters, &:gen_statem.reply(&1, :ok))
     data = start_handler(%{data | waiters: []})

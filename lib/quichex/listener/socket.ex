@@ -10,6 +10,7 @@ defmodule Quichex.Listener.Socket do
   import Bitwise
 
   alias Quichex.Connection.{CID, UDP}
+  alias Quichex.Listener.Initial
   alias Quichex.{Native, Telemetry}
 
   @cid_len CID.len()
@@ -43,6 +44,8 @@ defmodule Quichex.Listener.Socket do
           table: table,
           secret: :crypto.strong_rand_bytes(32),
           conns: %{},
+          # connections whose handshake is in progress: pid => true
+          pending: %{},
           reset_tokens: @resets_per_second,
           reset_refilled: System.monotonic_time(:millisecond),
           started_at:
@@ -52,6 +55,7 @@ defmodule Quichex.Listener.Socket do
             refused: 0,
             unroutable: 0,
             invalid: 0,
+            invalid_initial: 0,
             version_negotiation: 0,
             retry_sent: 0,
             retry_validated: 0,
@@ -78,6 +82,7 @@ defmodule Quichex.Listener.Socket do
     stats =
       Map.merge(state.stats, %{
         connections: map_size(state.conns),
+        pending_handshakes: map_size(state.pending),
         routes: :ets.info(state.table, :size)
       })
 
@@ -91,14 +96,17 @@ defmodule Quichex.Listener.Socket do
 
   def handle_info(:read_more, state), do: {:noreply, read(state)}
 
-  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+  def handle_info({:quichex_established, pid}, state),
+    do: {:noreply, %{state | pending: Map.delete(state.pending, pid)}}
+
+  def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
     case Map.pop(state.conns, ref) do
       {nil, _} ->
         {:noreply, state}
 
       {cids, conns} ->
         Enum.each(cids, &:ets.delete(state.table, &1))
-        {:noreply, %{state | conns: conns}}
+        {:noreply, %{state | conns: conns, pending: Map.delete(state.pending, pid)}}
     end
   end
 
@@ -185,14 +193,16 @@ defmodule Quichex.Listener.Socket do
           type != :initial or byte_size(data) < @min_initial ->
             bump(state, :unroutable)
 
-          map_size(state.conns) >= state.opts.max_connections ->
-            bump(state, :refused)
+          # Checked before any state exists for it: microseconds, no process.
+          not Initial.valid?(data) ->
+            bump(state, :invalid_initial)
 
-          state.opts.retry ->
+          # The client answers a Retry (or is sent one now).
+          token not in [nil, ""] or retry_now?(state) ->
             retry(from, data, version, dcid, scid, token, state)
 
           true ->
-            accept(from, data, CID.generate(state.opts.cid_generator), nil, [dcid], state)
+            admit(from, data, CID.generate(state.opts.cid_generator), nil, [dcid], state)
         end
 
       {:error, _} ->
@@ -267,10 +277,25 @@ defmodule Quichex.Listener.Socket do
     case validate_token(state, from, token) do
       {:ok, odcid} ->
         # quiche's accept uses the Retry's source CID (the client's new DCID) as ours.
-        accept(from, data, dcid, odcid, [], bump(state, :retry_validated))
+        admit(from, data, dcid, odcid, [], bump(state, :retry_validated))
 
       :error ->
         bump(state, :invalid_token)
+    end
+  end
+
+  # :always, :never, or {:under_load, n}: once n handshakes are pending.
+  defp retry_now?(%{opts: %{retry: :always}}), do: true
+  defp retry_now?(%{opts: %{retry: :never}}), do: false
+  defp retry_now?(%{opts: %{retry: {:under_load, n}}} = state), do: map_size(state.pending) >= n
+
+  # Both caps hold whatever the retry mode: connections at once, and
+  # handshakes in progress at once.
+  defp admit(from, data, scid, odcid, extra_cids, state) do
+    cond do
+      map_size(state.conns) >= state.opts.max_connections -> bump(state, :refused)
+      map_size(state.pending) >= state.opts.max_pending_handshakes -> bump(state, :refused)
+      true -> accept(from, data, scid, odcid, extra_cids, state)
     end
   end
 
@@ -295,18 +320,32 @@ defmodule Quichex.Listener.Socket do
       stream_active: opts.stream_active,
       dgrams: Quichex.Config.dgram_opts(opts.config),
       handshake_timeout: opts.handshake_timeout,
-      listener: %{pid: opts.listener, mode: listener_mode(state), table: state.table},
+      listener: %{
+        pid: opts.listener,
+        mode: listener_mode(state),
+        table: state.table,
+        socket: self(),
+        client_cert: opts.client_cert
+      },
       reset_key: opts.stateless_reset_key,
       cid_generator: opts.cid_generator,
-      cids: cids,
-      initial_packets: [{from, data, 0}]
+      cids: cids
     }
 
     with {:ok, sup} <- sibling(state, :connections),
          {:ok, pid} <- DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args)) do
       Enum.each(cids, &:ets.insert(state.table, {&1, pid}))
       ref = Process.monitor(pid)
-      %{bump(state, :accepted) | conns: Map.put(state.conns, ref, cids)}
+      # As a message, not in the child's start arguments (which its
+      # supervisor keeps for the connection's life), and copied out of the
+      # read buffer it is part of.
+      send(pid, {:quic_packets, [{from, :binary.copy(data), 0}]})
+
+      %{
+        bump(state, :accepted)
+        | conns: Map.put(state.conns, ref, cids),
+          pending: Map.put(state.pending, pid, true)
+      }
     else
       _ -> bump(state, :refused)
     end

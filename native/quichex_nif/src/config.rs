@@ -70,7 +70,7 @@ const U64_OPTIONS: &[(&str, u64, u64, U64Setter)] = &[
     ("max_stream_window", 1, MAX_VARINT, |c, v| {
         c.set_max_stream_window(v)
     }),
-    ("max_amplification_factor", 1, 1000, |c, v| {
+    ("max_amplification_factor", 1, 3, |c, v| {
         c.set_max_amplification_factor(v as usize)
     }),
     ("initial_congestion_window_packets", 1, 100_000, |c, v| {

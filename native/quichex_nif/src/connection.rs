@@ -28,6 +28,35 @@ pub struct ConnInner {
     pub session_reported: Option<Vec<u8>>,
     /// quiche closed the connection on a stateless reset from the peer.
     pub stateless_reset: bool,
+    /// A server's own anti-amplification budget while the client's address
+    /// is not validated (see `Amplification`); None for clients, servers
+    /// that validated the address with Retry, and once established.
+    pub amp: Option<Amplification>,
+    /// Driver passes that ended with less than a full datagram of budget
+    /// left (reported in the stats).
+    pub amp_limited: u64,
+}
+
+/// RFC 9000 section 8.1: before a server has validated the client's
+/// address it sends at most 3 times the bytes it received from it. quiche
+/// limits itself too; this is the driver's own count of the bytes that go
+/// on the wire (padding and close packets included), so no quiche slip can
+/// make us an amplifier. The address counts as validated once the
+/// handshake completed (the client proved it received our Handshake keys).
+pub struct Amplification {
+    pub peer: SocketAddr,
+    pub received: u64,
+    pub sent: u64,
+}
+
+/// The most a server sends per byte received before validation.
+pub const AMPLIFICATION_FACTOR: u64 = 3;
+
+impl Amplification {
+    /// Bytes that may still be sent.
+    pub fn left(&self) -> u64 {
+        (self.received * AMPLIFICATION_FACTOR).saturating_sub(self.sent)
+    }
 }
 
 pub struct ConnResource {
@@ -48,6 +77,7 @@ fn new_resource(
     config: &ConfigResource,
     local: SocketAddr,
     window: u64,
+    amp: Option<Amplification>,
 ) -> ResourceArc<ConnResource> {
     let logs = Logs::start(&mut conn, config);
     ResourceArc::new(ConnResource {
@@ -59,6 +89,8 @@ fn new_resource(
             dgrams_read: 0,
             session_reported: None,
             stateless_reset: false,
+            amp,
+            amp_limited: 0,
         }),
     })
 }
@@ -91,7 +123,7 @@ fn connection_connect(
         conn.set_session(session.as_slice())
             .map_err(|_| Error::BadArg("session"))?;
     }
-    Ok(new_resource(conn, &config, local, window))
+    Ok(new_resource(conn, &config, local, window, None))
 }
 
 /// Accepts a server connection; `odcid` is the original destination CID when
@@ -123,7 +155,13 @@ fn connection_accept(
     cfg.set_stateless_reset_token(None);
     let conn = conn?;
     drop(cfg);
-    Ok(new_resource(conn, &config, local, window))
+    // A Retry token already proved the client's address.
+    let amp = odcid.is_none().then_some(Amplification {
+        peer,
+        received: 0,
+        sent: 0,
+    });
+    Ok(new_resource(conn, &config, local, window, amp))
 }
 
 /// Closes the connection with an application (`app? = true`) or transport
@@ -177,6 +215,9 @@ struct Stats {
     pmtu: Option<usize>,
     delivery_rate: Option<u64>,
     send_quantum: usize,
+    /// Times output was held back by the anti-amplification budget
+    /// (quiche's count and the driver's).
+    amplification_limited: u64,
 }
 
 /// Connection statistics, with the active path's RTT (µs) and congestion
@@ -212,6 +253,7 @@ fn connection_stats(conn: ResourceArc<ConnResource>) -> Result<Stats> {
         pmtu: path.as_ref().map(|p| p.pmtu),
         delivery_rate: path.as_ref().map(|p| p.delivery_rate),
         send_quantum: c.send_quantum(),
+        amplification_limited: s.amplification_limited_count + guard.amp_limited,
     })
 }
 
@@ -249,6 +291,8 @@ struct Info<'a> {
     peer_error: Option<(bool, u64, Term<'a>)>,
     local_error: Option<(bool, u64, Term<'a>)>,
     peer_cert: Option<Term<'a>>,
+    /// The peer's certificate chain as it sent it (leaf first), DER.
+    peer_cert_chain: Option<Vec<Term<'a>>>,
     peer_transport_params: Option<TransportParams>,
     max_send_udp_payload_size: usize,
     in_early_data: bool,
@@ -294,6 +338,9 @@ fn connection_info<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>) -> Result<
         peer_error: conn_error(env, c.peer_error()),
         local_error: conn_error(env, c.local_error()),
         peer_cert: c.peer_cert().map(|b| bytes_term(env, b)),
+        peer_cert_chain: c
+            .peer_cert_chain()
+            .map(|chain| chain.iter().map(|b| bytes_term(env, b)).collect()),
         peer_transport_params: tp,
         max_send_udp_payload_size: c.max_send_udp_payload_size(),
         in_early_data: c.is_in_early_data(),

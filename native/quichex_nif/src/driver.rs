@@ -208,6 +208,9 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)], to: O
     let to = to.unwrap_or(inner.local);
     for (from, data, seg) in packets {
         let bytes = data.as_slice();
+        if let Some(amp) = inner.amp.as_mut().filter(|a| a.peer == *from) {
+            amp.received += bytes.len() as u64;
+        }
         let seg = if *seg == 0 { bytes.len().max(1) } else { *seg };
         for datagram in bytes.chunks(seg) {
             // quiche 0.30 drops the rest of a datagram after a coalesced
@@ -240,6 +243,9 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)], to: O
                 }
             }
         }
+    }
+    if inner.conn.is_established() {
+        inner.amp = None;
     }
 }
 
@@ -322,7 +328,7 @@ fn connection_flush<'a>(
         if scratch.len() < needed {
             scratch.resize(needed, 0);
         }
-        let batches = send_batches(&mut inner.conn, scratch, max_packets, mtu, &mut more);
+        let batches = send_batches(inner, scratch, max_packets, mtu, &mut more);
         batches
             .iter()
             .map(|b| {
@@ -364,7 +370,7 @@ struct Batch {
 /// destination, 64 segments or 65,000 bytes. Sets `more` to false when
 /// quiche has nothing left to send.
 fn send_batches(
-    conn: &mut quiche::Connection,
+    inner: &mut ConnInner,
     buf: &mut [u8],
     max_packets: usize,
     mtu: usize,
@@ -373,7 +379,18 @@ fn send_batches(
     let mut batches: Vec<Batch> = Vec::new();
     let mut off = 0usize;
     for _ in 0..max_packets {
-        let (n, info) = match conn.send(&mut buf[off..off + mtu]) {
+        // Before the client's address is validated, no datagram may go past
+        // the budget: quiche gets a buffer no larger than what is left.
+        let room = match &inner.amp {
+            Some(amp) => usize::try_from(amp.left()).unwrap_or(usize::MAX).min(mtu),
+            None => mtu,
+        };
+        if room == 0 {
+            // Waits for more bytes from the client (a later pass).
+            *more = false;
+            break;
+        }
+        let (n, info) = match inner.conn.send(&mut buf[off..off + room]) {
             Ok(v) => v,
             Err(_) => {
                 // Done, or a fatal error that closed the connection (the
@@ -382,6 +399,9 @@ fn send_batches(
                 break;
             }
         };
+        if let Some(amp) = inner.amp.as_mut() {
+            amp.sent += n as u64;
+        }
         let extend = match batches.last() {
             Some(b) => {
                 b.to == info.to
@@ -408,6 +428,13 @@ fn send_batches(
             }),
         }
         off += n;
+    }
+    // A pass that ends with less than one full datagram of budget left was
+    // (or is about to be) held back by it.
+    if let Some(amp) = &inner.amp {
+        if amp.left() < mtu as u64 {
+            inner.amp_limited += 1;
+        }
     }
     batches
 }
