@@ -23,6 +23,9 @@
 //! - Patch E (no upstream issue): padding added to datagrams carrying
 //!   Initial packets counts against the server's anti-amplification budget.
 //!   Test `l_*` sends more than 3x what it received on unpatched quiche.
+//! - Patch F (no upstream issue): a path left behind is released when a new
+//!   path needs room. Test `m_*` loses the client after its second NAT
+//!   rebinding on unpatched quiche.
 //!
 //! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
 //! too; they guard behaviour the patches must keep.
@@ -907,4 +910,47 @@ fn l_amplification_budget_counts_padding() {
         sent <= 3 * received,
         "sent {sent} bytes for {received} received"
     );
+}
+
+/// (m) The client's NAT binding changes again and again (a new source port
+/// each time). The server follows it every time. On unpatched quiche 0.30.0
+/// each rebinding leaves a path behind that keeps its connection ID, the
+/// path map (`active_connection_id_limit` paths) fills up after the second
+/// one, and from then on every packet from the client's new address is
+/// dropped.
+#[test]
+fn m_repeated_nat_rebindings_keep_the_connection() {
+    let mut pipe = Pipe::new(10);
+
+    for round in 0..6u64 {
+        let nat: SocketAddr = format!("127.0.0.1:{}", 41_000 + round).parse().unwrap();
+        let stream_id = CLIENT_BIDI_0 + 4 * round;
+        let mut received = Received::default();
+
+        assert_eq!(pipe.client.stream_send(stream_id, b"ping", true), Ok(4));
+
+        // Packets move until neither side has anything to send; the client's
+        // come from its new address.
+        for _ in 0..50 {
+            let c = pipe.client_flush();
+            deliver(&mut pipe.server, &c, nat, server_addr());
+            let s = pipe.server_flush();
+            pipe.deliver_to_client(&s);
+            if pipe.server.stream_readable(stream_id) {
+                received.read(&mut pipe.server, stream_id);
+            }
+            if c.is_empty() && s.is_empty() {
+                break;
+            }
+        }
+
+        assert_eq!(
+            received.data, b"ping",
+            "round {round}: the server got nothing"
+        );
+        assert!(received.fin, "round {round}: no FIN");
+        let active: Vec<_> = pipe.server.path_stats().filter(|p| p.active).collect();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].peer_addr, nat, "round {round}");
+    }
 }

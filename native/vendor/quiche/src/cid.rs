@@ -142,6 +142,11 @@ impl BoundedNonEmptyConnectionIdVecDeque {
         self.inner.iter()
     }
 
+    // quichex patch F.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut ConnectionIdEntry> {
+        self.inner.iter_mut()
+    }
+
     /// Returns the number of elements in the `VecDeque`.
     fn len(&self) -> usize {
         self.inner.len()
@@ -636,6 +641,22 @@ impl ConnectionIdentifiers {
         let e = self.dcids.get_mut(dcid_seq).ok_or(Error::InvalidState)?;
         e.path_id = Some(path_id);
         Ok(())
+    }
+
+    // quichex patch F: the path a connection ID was linked to is going away;
+    // the ID stays issued and can be linked to another path.
+    pub fn unlink_path_id(&mut self, path_id: usize) {
+        for e in self.scids.iter_mut() {
+            if e.path_id == Some(path_id) {
+                e.path_id = None;
+            }
+        }
+
+        for e in self.dcids.iter_mut() {
+            if e.path_id == Some(path_id) {
+                e.path_id = None;
+            }
+        }
     }
 
     /// Gets the minimum Source Connection ID sequence number whose removal has

@@ -9144,6 +9144,12 @@ impl<F: BufFactory> Connection<F> {
         &mut self, recv_pid: Option<usize>, dcid: &ConnectionId, buf_len: usize,
         info: &RecvInfo,
     ) -> Result<usize> {
+        // quichex patch F: a new 4-tuple needs a path; make room by releasing
+        // a path left behind.
+        if recv_pid.is_none() && self.paths.is_full() {
+            self.release_abandoned_path()?;
+        }
+
         let ids = &mut self.ids;
 
         let (in_scid_seq, mut in_scid_pid) =
@@ -9256,6 +9262,42 @@ impl<F: BufFactory> Connection<F> {
         }
 
         Ok(pid)
+    }
+
+    // quichex patch F: the path map is full (it holds at most
+    // `active_connection_id_limit` paths) and a packet arrived from a new
+    // 4-tuple. A path is only evicted once it is unused (no destination CID),
+    // but a path the peer left behind (every NAT rebinding leaves one) keeps
+    // its CID forever, so after that many rebindings every packet from the
+    // peer's new address was dropped and the connection died. Release one
+    // path that is neither active nor being validated and has nothing in
+    // flight or waiting for retransmission: its CIDs go back to the pool
+    // (the new path may take its destination CID) and the path gets evicted.
+    fn release_abandoned_path(&mut self) -> Result<()> {
+        let active = self.paths.get_active_path_id().ok();
+
+        let abandoned = self
+            .paths
+            .iter()
+            .find(|(pid, p)| {
+                Some(*pid) != active &&
+                    !p.probing_required() &&
+                    !p.under_validation() &&
+                    p.recovery.bytes_in_flight() == 0 &&
+                    packet::Epoch::epochs(
+                        packet::Epoch::Initial..=packet::Epoch::Application,
+                    )
+                    .iter()
+                    .all(|&e| !p.recovery.has_lost_frames(e))
+            })
+            .map(|(pid, _)| pid);
+
+        if let Some(pid) = abandoned {
+            self.ids.unlink_path_id(pid);
+            self.paths.release_dcid(pid)?;
+        }
+
+        Ok(())
     }
 
     /// Selects the path on which the next packet must be sent.

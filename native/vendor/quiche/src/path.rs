@@ -778,6 +778,18 @@ impl PathMap {
         self.paths.len()
     }
 
+    // quichex patch F: whether a new path needs room made first.
+    pub fn is_full(&self) -> bool {
+        self.paths.len() >= self.max_concurrent_paths
+    }
+
+    // quichex patch F: forgets the destination CID of path `pid`, so that
+    // `make_room_for_new_path()` can evict it.
+    pub fn release_dcid(&mut self, pid: usize) -> Result<()> {
+        self.get_mut(pid)?.active_dcid_seq = None;
+        Ok(())
+    }
+
     /// Returns the `Path` identifier related to the provided `addrs`.
     #[inline]
     pub fn path_id_from_addrs(
