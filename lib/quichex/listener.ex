@@ -6,6 +6,12 @@ defmodule Quichex.Listener do
       default: {0, 0, 0, 0},
       doc: "IP tuple to bind, e.g. `{127, 0, 0, 1}` or `{0, 0, 0, 0, 0, 0, 0, 1}`."
     ],
+    sockets: [
+      type: {:integer, 1, 1024},
+      default: nil,
+      doc:
+        "UDP sockets bound to the address with `SO_REUSEPORT`, each read by its own process (default: one per online scheduler). The kernel spreads clients over them; every socket routes every connection."
+    ],
     config: [
       type: {:struct, Quichex.Config},
       required: true,
@@ -95,20 +101,27 @@ defmodule Quichex.Listener do
   ]
 
   @moduledoc """
-  A QUIC server: a supervision tree that owns one UDP socket and the
-  connections accepted on it.
+  A QUIC server: a supervision tree that owns UDP sockets on one address
+  and the connections accepted on them.
 
   ```
   Quichex.Listener (Supervisor, :rest_for_one)
-  ├── Quichex.Listener.Socket       reads the socket, routes datagrams by
-  │                                 destination connection ID through ETS,
-  │                                 answers Version Negotiation and Retry
+  ├── Quichex.Listener.Registry     the routing table (ETS), counters, the port
+  ├── Supervisor (:one_for_one)     the sockets, `sockets:` of them
+  │   ├── Quichex.Listener.Socket   reads its socket, routes datagrams by
+  │   └── ...                       destination connection ID, answers
+  │                                 Version Negotiation, Retry, resets
   └── DynamicSupervisor             one Quichex.Connection per client
   ```
 
-  Connections send on the listener's socket directly; the socket process
-  only reads and routes. Each connection registers its connection IDs in the
-  routing table, and they are removed when it ends.
+  The sockets are bound to the same address with `SO_REUSEPORT`; the kernel
+  hands each datagram to one of them, and each routes every connection's
+  datagrams (a client that changes address or port keeps its connection
+  whichever socket its packets reach). Connections send on the sockets
+  directly; socket processes only read and route. A socket process that
+  crashes is restarted on the same port without touching the connections
+  or their routes. Each connection's IDs are in the routing table while it
+  lives, and removed when it ends, however it ends.
 
   ## Active mode
 
@@ -219,6 +232,8 @@ defmodule Quichex.Listener do
     end
 
     opts = %{opts | retry: retry!(opts.retry)}
+    opts = %{opts | sockets: opts.sockets || System.schedulers_online()}
+    opts = Map.put(opts, :retry_secret, :crypto.strong_rand_bytes(32))
     {client_cert, config} = client_cert!(opts.client_cert, config)
     opts = %{opts | client_cert: client_cert, config: config}
 
@@ -280,32 +295,82 @@ defmodule Quichex.Listener do
     end
   end
 
-  defp unwrap({:shutdown, reason}), do: reason
+  # A socket's start error, under the sockets' supervisor.
+  defp unwrap({:failed_to_start_child, _id, reason}), do: unwrap(reason)
+  defp unwrap({:shutdown, reason}), do: unwrap(reason)
   defp unwrap(reason), do: reason
 
   @doc """
-  The `{ip, port}` the listener's socket is bound to.
+  The `{ip, port}` the listener's sockets are bound to.
 
       {:ok, {{127, 0, 0, 1}, port}} = Quichex.Listener.sockname(listener)
   """
   @spec sockname(Supervisor.supervisor()) ::
           {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
-  def sockname(listener), do: socket_call(listener, :sockname)
+  def sockname(listener) do
+    case children(listener) do
+      %{shared: shared} ->
+        case Quichex.Listener.Registry.local(shared) do
+          nil -> {:error, :closed}
+          local -> {:ok, local}
+        end
+
+      _ ->
+        {:error, :closed}
+    end
+  catch
+    :exit, _ -> {:error, :closed}
+  end
 
   @doc """
-  Counters: `connections` (open now), `pending_handshakes` (of those, not
-  established yet), `routes` (connection IDs in the routing table),
-  `accepted`, `refused` (over `max_connections` or
-  `max_pending_handshakes`), `unroutable` and `invalid` (dropped
-  datagrams), `invalid_initial` (Initials that did not decrypt: dropped
-  before any state was created), `version_negotiation`, `retry_sent`,
-  `retry_validated`, `invalid_token`, `stateless_resets`,
-  `datagrams_received`.
+  Counters, summed over the listener's sockets: `connections` (open now),
+  `pending_handshakes` (of those, not established yet), `routes`
+  (connection IDs in the routing table), `accepted`, `refused` (over
+  `max_connections` or `max_pending_handshakes`), `unroutable` and
+  `invalid` (dropped datagrams), `invalid_initial` (Initials that did not
+  decrypt: dropped before any state was created), `version_negotiation`,
+  `retry_sent`, `retry_validated`, `invalid_token`, `stateless_resets`,
+  `datagrams_received`; and `sockets`, the same per-socket counters (no
+  `connections`, `pending_handshakes` or `routes`) for each socket, in
+  order.
 
-      {:ok, %{connections: 0}} = Quichex.Listener.stats(listener)
+      {:ok, %{connections: 0, sockets: [_ | _]}} = Quichex.Listener.stats(listener)
   """
   @spec stats(Supervisor.supervisor()) :: {:ok, map()} | {:error, term()}
-  def stats(listener), do: socket_call(listener, :stats)
+  def stats(listener) do
+    case children(listener) do
+      %{shared: shared, sockets: sockets} ->
+        per_socket = Enum.map(sockets, &socket_stats/1)
+
+        totals =
+          Enum.reduce(per_socket, %{}, fn stats, acc ->
+            Map.merge(acc, stats, fn _k, a, b -> a + b end)
+          end)
+
+        {:ok,
+         Map.merge(totals, %{
+           connections: Quichex.Listener.Registry.connections(shared),
+           pending_handshakes: Quichex.Listener.Registry.pending(shared),
+           routes: :ets.info(shared.routes, :size),
+           sockets: per_socket
+         })}
+
+      _ ->
+        {:error, :closed}
+    end
+  catch
+    :exit, _ -> {:error, :closed}
+  end
+
+  # A socket restarting right now counts as empty.
+  defp socket_stats(pid) do
+    case GenServer.call(pid, :stats) do
+      {:ok, stats} -> stats
+      _ -> %{}
+    end
+  catch
+    :exit, _ -> %{}
+  end
 
   @doc "Stops the listener and every connection it accepted."
   @spec stop(Supervisor.supervisor(), timeout()) :: :ok
@@ -335,25 +400,60 @@ defmodule Quichex.Listener do
   end
 
   @doc false
+  # The listener's processes: `registry`, `sockets` (socket pids in index
+  # order), `socket` (the first), `connections` (the DynamicSupervisor).
   def children(listener) do
-    Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
-  end
+    top = Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
 
-  defp socket_call(listener, request) do
-    case children(listener) do
-      %{socket: pid} when is_pid(pid) -> GenServer.call(pid, request)
-      _ -> {:error, :closed}
-    end
-  catch
-    :exit, _ -> {:error, :closed}
+    sockets =
+      case top do
+        %{sockets: sup} when is_pid(sup) ->
+          sup
+          |> Supervisor.which_children()
+          |> Enum.filter(fn {_id, pid, _, _} -> is_pid(pid) end)
+          |> Enum.sort()
+          |> Enum.map(fn {_id, pid, _, _} -> pid end)
+
+        _ ->
+          []
+      end
+
+    shared =
+      case top do
+        %{registry: registry} when is_pid(registry) -> Quichex.Listener.Registry.shared(registry)
+        _ -> nil
+      end
+
+    top
+    |> Map.merge(%{sockets: sockets, socket: List.first(sockets)})
+    |> then(fn map -> if shared, do: Map.put(map, :shared, shared), else: map end)
   end
 
   @impl Supervisor
   def init(opts) do
-    opts = Map.put(opts, :listener, self())
+    # The shared tables belong to this process: they live exactly as long
+    # as the listener.
+    opts = Map.merge(opts, %{listener: self(), shared: Quichex.Listener.Registry.new_shared()})
+
+    sockets =
+      for index <- 0..(opts.sockets - 1) do
+        %{
+          id: {:socket, index},
+          start: {Quichex.Listener.Socket, :start_link, [Map.put(opts, :index, index)]}
+        }
+      end
 
     children = [
-      %{id: :socket, start: {Quichex.Listener.Socket, :start_link, [opts]}},
+      %{id: :registry, start: {Quichex.Listener.Registry, :start_link, [opts]}},
+      # Each socket process restarts on its own: the port, the routes and the
+      # counters are in the shared tables.
+      %{
+        id: :sockets,
+        start:
+          {Supervisor, :start_link,
+           [sockets, [strategy: :one_for_one, max_restarts: 10, max_seconds: 10]]},
+        type: :supervisor
+      },
       %{
         id: :connections,
         start:

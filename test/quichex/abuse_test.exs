@@ -130,12 +130,11 @@ defmodule Quichex.AbuseTest do
   describe "Initial floods" do
     test "5,000 undecryptable Initials start no process" do
       {listener, port} = listener!(handler: Echo, retry: :never)
-      %{socket: socket_pid, connections: conn_sup} = Listener.children(listener)
+      %{sockets: socket_pids, connections: conn_sup} = Listener.children(listener)
       [[datagram | _]] = first_flights(1, {@loopback, port})
       <<first, version::32, dcid_len, _dcid::binary-size(dcid_len), rest::binary>> = datagram
 
-      :erlang.trace(socket_pid, true, [:procs])
-      :erlang.trace(conn_sup, true, [:procs])
+      for pid <- [conn_sup | socket_pids], do: :erlang.trace(pid, true, [:procs])
 
       {:ok, socket} = :gen_udp.open(0, [:binary, ip: @loopback])
 
@@ -151,8 +150,7 @@ defmodule Quichex.AbuseTest do
       end
 
       eventually(fn -> stats(listener).invalid_initial == 5_000 end)
-      :erlang.trace(socket_pid, false, [:procs])
-      :erlang.trace(conn_sup, false, [:procs])
+      for pid <- [conn_sup | socket_pids], do: :erlang.trace(pid, false, [:procs])
 
       assert %{accepted: 0, connections: 0, pending_handshakes: 0} = stats(listener)
       assert %{active: 0} = DynamicSupervisor.count_children(conn_sup)

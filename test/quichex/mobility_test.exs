@@ -243,9 +243,8 @@ defmodule Quichex.MobilityTest do
   end
 
   defp routes(listener) do
-    %{socket: socket} = Listener.children(listener)
-    table = :sys.get_state(socket).table
-    for {cid, _pid} <- :ets.tab2list(table), do: cid
+    %{shared: shared} = Listener.children(listener)
+    for {cid, _pid} <- :ets.tab2list(shared.routes), do: cid
   end
 
   describe "stateless reset" do
@@ -259,10 +258,10 @@ defmodule Quichex.MobilityTest do
       # A crash, not a shutdown: the connection dies without telling the
       # client, then the listener goes.
       {:ok, [server]} = Listener.connections(listener)
-      %{socket: socket} = Listener.children(listener)
+      %{sockets: sockets} = Listener.children(listener)
       Process.unlink(listener)
       Process.exit(server, :kill)
-      refs = Enum.map([listener, socket], &Process.monitor/1)
+      refs = Enum.map([listener | sockets], &Process.monitor/1)
 
       ExUnit.CaptureLog.capture_log(fn ->
         Process.exit(listener, :kill)

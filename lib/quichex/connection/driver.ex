@@ -280,10 +280,24 @@ defmodule Quichex.Connection.Driver do
     socket = Paths.socket(data.paths, from) || data.socket
 
     case UDP.send_batch(socket, to, bin, seg, data.gso) do
-      :ok -> send_batches(data, rest)
-      {:ok, :gso_off} -> send_batches(%{data | gso: false}, rest)
+      :ok ->
+        send_batches(data, rest)
+
+      {:ok, :gso_off} ->
+        send_batches(%{data | gso: false}, rest)
+
+      # The listener socket we sent on is gone (its process is restarting):
+      # another of the listener's sockets has the same address.
+      {:error, :closed} when socket == data.socket and data.listener != nil ->
+        case Quichex.Listener.Registry.any_socket(data.listener.shared) do
+          nil -> send_batches(data, rest)
+          other when other == socket -> send_batches(data, rest)
+          other -> send_batches(%{data | socket: other}, [{from, to, bin, seg} | rest])
+        end
+
       # A send error is a lost datagram to QUIC; recovery retransmits.
-      {:error, _reason} -> send_batches(data, rest)
+      {:error, _reason} ->
+        send_batches(data, rest)
     end
   end
 

@@ -7,6 +7,7 @@ defmodule Quichex.Connection.Mobility do
 
   alias Quichex.Native
   alias Quichex.Connection.{CID, Paths, Reports, State, UDP}
+  alias Quichex.Listener.Registry
 
   # Connection IDs issued per driver pass at most (quiche's limit is small).
   @max_new_cids 8
@@ -61,14 +62,14 @@ defmodule Quichex.Connection.Mobility do
     %{data | cids: data.cids -- cids}
   end
 
-  defp route(%State{listener: %{table: table}}, cids),
-    do: Enum.each(cids, &:ets.insert(table, {&1, self()}))
+  defp route(%State{listener: %{shared: shared}}, cids),
+    do: Registry.route(shared, self(), cids)
 
   defp route(_data, _cids), do: :ok
 
   @doc false
-  def unroute(%State{listener: %{table: table}}, cids),
-    do: Enum.each(cids, &:ets.delete(table, &1))
+  def unroute(%State{listener: %{shared: shared}}, cids),
+    do: Registry.unroute(shared, self(), cids)
 
   def unroute(_data, _cids), do: :ok
 

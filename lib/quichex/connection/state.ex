@@ -90,8 +90,7 @@ defmodule Quichex.Connection.State do
             %{
               pid: pid(),
               mode: :active | :handler,
-              table: :ets.tid(),
-              socket: pid(),
+              shared: map(),
               client_cert: :none | :optional | :require
             }
             | nil,

@@ -39,9 +39,8 @@ defmodule Quichex.Connection.Transitions do
       })
     )
 
-    # The listener's socket process counts pending handshakes.
-    with %{socket: socket} when is_pid(socket) <- data.listener,
-         do: send(socket, {:quichex_established, self()})
+    # The listener counts pending handshakes.
+    with %{shared: shared} <- data.listener, do: Quichex.Listener.Registry.established(shared)
 
     Enum.each(data.waiters, &:gen_statem.reply(&1, :ok))
     data = start_handler(%{data | waiters: []})

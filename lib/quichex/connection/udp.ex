@@ -15,16 +15,35 @@ defmodule Quichex.Connection.UDP do
   # stays within about a millisecond of NIF work.
   @max_reads 8
 
-  @doc false
-  def open(ip, port) do
+  @doc """
+  Opens a UDP socket bound to `{ip, port}` with big buffers and GRO. With
+  `reuseport: true`, SO_REUSEPORT is set before binding, so that several
+  sockets (of this OS user) share the address and the kernel spreads
+  clients over them.
+  """
+  def open(ip, port, opts \\ []) do
     family = family(ip)
 
     with {:ok, socket} <- :socket.open(family, :dgram, :udp),
+         :ok <- reuseport(socket, Keyword.get(opts, :reuseport, false)),
          :ok <- bind(socket, %{family: family, addr: ip, port: port}) do
       _ = :socket.setopt(socket, {:socket, :rcvbuf}, @buffer_bytes)
       _ = :socket.setopt(socket, {:socket, :sndbuf}, @buffer_bytes)
       gro? = :socket.setopt_native(socket, {@sol_udp, @udp_gro}, 1) == :ok
       {:ok, socket, %{gro: gro?, gso: gso_supported?()}}
+    end
+  end
+
+  defp reuseport(_socket, false), do: :ok
+
+  defp reuseport(socket, true) do
+    case :socket.setopt(socket, {:socket, :reuseport}, true) do
+      :ok ->
+        :ok
+
+      {:error, reason} ->
+        :socket.close(socket)
+        {:error, reason}
     end
   end
 

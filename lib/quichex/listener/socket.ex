@@ -1,24 +1,28 @@
 defmodule Quichex.Listener.Socket do
   @moduledoc false
-  # Owns a listener's UDP socket and its routing table. Reads datagrams in
-  # batches, routes each by destination connection ID (an ETS lookup) to its
-  # connection process, and handles datagrams for unknown IDs: Version
-  # Negotiation, Retry, new connections, a stateless reset, or a silent drop.
+  # One of a listener's UDP sockets (all bound to the same address with
+  # SO_REUSEPORT; the kernel spreads clients over them). Reads datagrams in
+  # batches, routes each by destination connection ID through the
+  # listener's shared routing table (Quichex.Listener.Registry) to its
+  # connection process, whichever socket it arrived on, and handles
+  # datagrams for unknown IDs itself, with no other process involved:
+  # Version Negotiation, Retry, a stateless reset, a silent drop, or a new
+  # connection.
 
   use GenServer
 
   import Bitwise
 
   alias Quichex.Connection.{CID, UDP}
-  alias Quichex.Listener.Initial
-  alias Quichex.{Native, Telemetry}
+  alias Quichex.Listener.{Initial, Registry}
+  alias Quichex.Native
 
   @cid_len CID.len()
   @min_initial 1200
   @quic_v1 1
-  # Stateless resets: at most this many per second (a token bucket), never
-  # smaller than 21 bytes (RFC 9000 section 10.3) nor as large as the packet
-  # that triggered them.
+  # Stateless resets: at most this many per second per socket (a token
+  # bucket), never smaller than 21 bytes (RFC 9000 section 10.3) nor as
+  # large as the packet that triggered them.
   @resets_per_second 100
   @min_reset 21
   @max_reset 128
@@ -30,45 +34,63 @@ defmodule Quichex.Listener.Socket do
   @impl GenServer
   def init(opts) do
     Process.flag(:trap_exit, true)
+    shared = opts.shared
 
-    case UDP.open(opts.ip, opts.port) do
-      {:ok, socket, caps} ->
-        {:ok, local} = UDP.sockname(socket)
-        table = :ets.new(:quichex_routes, [:set, :public, read_concurrency: true])
+    # The first socket picks the port (when the listener asked for 0); the
+    # others, and any socket restarted later, bind the same one.
+    port =
+      case Registry.local(shared) do
+        {_ip, port} -> {:ok, port}
+        nil -> exclusive_port(opts)
+      end
 
-        state = %{
-          opts: opts,
-          socket: socket,
-          caps: caps,
-          local: local,
-          table: table,
-          secret: :crypto.strong_rand_bytes(32),
-          conns: %{},
-          # connections whose handshake is in progress: pid => true
-          pending: %{},
-          reset_tokens: @resets_per_second,
-          reset_refilled: System.monotonic_time(:millisecond),
-          started_at:
-            Telemetry.start(:listener, %{listener: opts.listener, local_address: local}),
-          stats: %{
-            accepted: 0,
-            refused: 0,
-            unroutable: 0,
-            invalid: 0,
-            invalid_initial: 0,
-            version_negotiation: 0,
-            retry_sent: 0,
-            retry_validated: 0,
-            invalid_token: 0,
-            stateless_resets: 0,
-            datagrams_received: 0
-          }
+    with {:ok, port} <- port,
+         {:ok, socket, caps} <- UDP.open(opts.ip, port, reuseport: opts.sockets > 1) do
+      {:ok, local} = UDP.sockname(socket)
+      :ok = Registry.bound(shared, local, opts.listener)
+      Registry.put_socket(shared, opts.index, socket)
+
+      state = %{
+        opts: opts,
+        socket: socket,
+        caps: caps,
+        local: local,
+        shared: shared,
+        reset_tokens: @resets_per_second,
+        reset_refilled: System.monotonic_time(:millisecond),
+        stats: %{
+          accepted: 0,
+          refused: 0,
+          unroutable: 0,
+          invalid: 0,
+          invalid_initial: 0,
+          version_negotiation: 0,
+          retry_sent: 0,
+          retry_validated: 0,
+          invalid_token: 0,
+          stateless_resets: 0,
+          datagrams_received: 0
         }
+      }
 
-        {:ok, state, {:continue, :read}}
-
+      {:ok, state, {:continue, :read}}
+    else
       {:error, reason} ->
         {:stop, {:shutdown, Quichex.TransportError.new({:socket, reason})}}
+    end
+  end
+
+  # SO_REUSEPORT would let a listener share a port another listener (of
+  # the same OS user) already uses, each getting part of the traffic. So the
+  # first socket checks the port is free with a plain bind first (and learns
+  # the port when given 0); the listener's own sockets then share it.
+  defp exclusive_port(%{sockets: 1} = opts), do: {:ok, opts.port}
+
+  defp exclusive_port(opts) do
+    with {:ok, probe, _caps} <- UDP.open(opts.ip, opts.port),
+         {:ok, {_ip, port}} <- UDP.sockname(probe) do
+      :socket.close(probe)
+      {:ok, port}
     end
   end
 
@@ -77,17 +99,8 @@ defmodule Quichex.Listener.Socket do
 
   @impl GenServer
   def handle_call(:sockname, _from, state), do: {:reply, {:ok, state.local}, state}
-
-  def handle_call(:stats, _from, state) do
-    stats =
-      Map.merge(state.stats, %{
-        connections: map_size(state.conns),
-        pending_handshakes: map_size(state.pending),
-        routes: :ets.info(state.table, :size)
-      })
-
-    {:reply, {:ok, stats}, state}
-  end
+  def handle_call(:stats, _from, state), do: {:reply, {:ok, state.stats}, state}
+  def handle_call(_request, _from, state), do: {:reply, {:error, :unknown_call}, state}
 
   @impl GenServer
   def handle_info({:"$socket", socket, :select, _}, %{socket: socket} = state) do
@@ -95,31 +108,13 @@ defmodule Quichex.Listener.Socket do
   end
 
   def handle_info(:read_more, state), do: {:noreply, read(state)}
-
-  def handle_info({:quichex_established, pid}, state),
-    do: {:noreply, %{state | pending: Map.delete(state.pending, pid)}}
-
-  def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
-    case Map.pop(state.conns, ref) do
-      {nil, _} ->
-        {:noreply, state}
-
-      {cids, conns} ->
-        Enum.each(cids, &:ets.delete(state.table, &1))
-        {:noreply, %{state | conns: conns, pending: Map.delete(state.pending, pid)}}
-    end
-  end
-
   def handle_info(_msg, state), do: {:noreply, state}
 
   @impl GenServer
   def terminate(_reason, state) do
+    # Connections that sent on this socket move to another one.
+    Registry.drop_socket(state.shared, state.opts.index, state.socket)
     :socket.close(state.socket)
-
-    Telemetry.stop(:listener, state.started_at, %{
-      listener: state.opts.listener,
-      local_address: state.local
-    })
   end
 
   ## Reading and routing
@@ -147,7 +142,7 @@ defmodule Quichex.Listener.Socket do
 
     case dcid(data) do
       {:ok, dcid, long?} ->
-        case :ets.lookup(state.table, dcid) do
+        case :ets.lookup(state.shared.routes, dcid) do
           [{_, pid}] ->
             route(rest, state, Map.update(batches, pid, [packet], &[packet | &1]))
 
@@ -284,18 +279,22 @@ defmodule Quichex.Listener.Socket do
     end
   end
 
-  # :always, :never, or {:under_load, n}: once n handshakes are pending.
+  # :always, :never, or {:under_load, n}: once n handshakes are pending
+  # (on all of the listener's sockets).
   defp retry_now?(%{opts: %{retry: :always}}), do: true
   defp retry_now?(%{opts: %{retry: :never}}), do: false
-  defp retry_now?(%{opts: %{retry: {:under_load, n}}} = state), do: map_size(state.pending) >= n
+
+  defp retry_now?(%{opts: %{retry: {:under_load, n}}} = state),
+    do: Registry.pending(state.shared) >= n
 
   # Both caps hold whatever the retry mode: connections at once, and
   # handshakes in progress at once.
   defp admit(from, data, scid, odcid, extra_cids, state) do
-    cond do
-      map_size(state.conns) >= state.opts.max_connections -> bump(state, :refused)
-      map_size(state.pending) >= state.opts.max_pending_handshakes -> bump(state, :refused)
-      true -> accept(from, data, scid, odcid, extra_cids, state)
+    opts = state.opts
+
+    case Registry.admit(state.shared, opts.max_connections, opts.max_pending_handshakes) do
+      :ok -> accept(from, data, scid, odcid, extra_cids, state)
+      {:error, _cap} -> bump(state, :refused)
     end
   end
 
@@ -323,8 +322,7 @@ defmodule Quichex.Listener.Socket do
       listener: %{
         pid: opts.listener,
         mode: listener_mode(state),
-        table: state.table,
-        socket: self(),
+        shared: state.shared,
         client_cert: opts.client_cert
       },
       reset_key: opts.stateless_reset_key,
@@ -333,22 +331,26 @@ defmodule Quichex.Listener.Socket do
     }
 
     with {:ok, sup} <- sibling(state, :connections),
-         {:ok, pid} <- DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args)) do
-      Enum.each(cids, &:ets.insert(state.table, {&1, pid}))
-      ref = Process.monitor(pid)
+         {:ok, pid} <- start_connection(sup, args) do
+      :ok = Registry.track(state.shared, pid)
+      :ok = Registry.route(state.shared, pid, cids)
       # As a message, not in the child's start arguments (which its
       # supervisor keeps for the connection's life), and copied out of the
       # read buffer it is part of.
       send(pid, {:quic_packets, [{from, :binary.copy(data), 0}]})
-
-      %{
-        bump(state, :accepted)
-        | conns: Map.put(state.conns, ref, cids),
-          pending: Map.put(state.pending, pid, true)
-      }
+      bump(state, :accepted)
     else
-      _ -> bump(state, :refused)
+      _ ->
+        Registry.release(state.shared)
+        bump(state, :refused)
     end
+  end
+
+  defp start_connection(sup, args) do
+    DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args))
+  catch
+    # The listener is stopping.
+    :exit, _ -> {:error, :closed}
   end
 
   # With an accept_early_data filter, a connection it refuses gets the
@@ -368,9 +370,10 @@ defmodule Quichex.Listener.Socket do
   defp listener_mode(%{opts: %{active: true}}), do: :active
   defp listener_mode(_state), do: :handler
 
-  # The sibling supervisors start after this process (rest_for_one), so they
-  # are looked up on first use and remembered; the listener allows no
-  # restarts, so a remembered pid stays valid while this process lives.
+  # The connection supervisor starts after the sockets (so that connections
+  # stop first and can still send CONNECTION_CLOSE), so it is looked up on
+  # first use and remembered; it is never restarted while this process
+  # lives (rest_for_one).
   defp sibling(state, id) do
     case Process.get({:sibling, id}) do
       pid when is_pid(pid) ->
@@ -413,7 +416,11 @@ defmodule Quichex.Listener.Socket do
   defp mac(state, {ip, port}, body) do
     ip_bin = ip |> Tuple.to_list() |> Enum.map_join(".", &Integer.to_string/1)
 
-    :crypto.mac(:hmac, :sha256, state.secret, [ip_bin, <<port::16, @quic_v1::32>>, body])
+    :crypto.mac(:hmac, :sha256, state.opts.retry_secret, [
+      ip_bin,
+      <<port::16, @quic_v1::32>>,
+      body
+    ])
     |> binary_part(0, 16)
   end
 end
