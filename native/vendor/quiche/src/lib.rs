@@ -9270,9 +9270,10 @@ impl<F: BufFactory> Connection<F> {
     // but a path the peer left behind (every NAT rebinding leaves one) keeps
     // its CID forever, so after that many rebindings every packet from the
     // peer's new address was dropped and the connection died. Release one
-    // path that is neither active nor being validated and has nothing in
-    // flight or waiting for retransmission: its CIDs go back to the pool
-    // (the new path may take its destination CID) and the path gets evicted.
+    // path that was active before another took over (not one the peer only
+    // probed), is not being validated and has nothing in flight or waiting
+    // for retransmission: its CIDs go back to the pool (the new path may
+    // take its destination CID) and the path gets evicted.
     fn release_abandoned_path(&mut self) -> Result<()> {
         let active = self.paths.get_active_path_id().ok();
 
@@ -9281,6 +9282,7 @@ impl<F: BufFactory> Connection<F> {
             .iter()
             .find(|(pid, p)| {
                 Some(*pid) != active &&
+                    p.left_behind &&
                     !p.probing_required() &&
                     !p.under_validation() &&
                     p.recovery.bytes_in_flight() == 0 &&
@@ -9349,7 +9351,13 @@ impl<F: BufFactory> Connection<F> {
                 self.lost_count += lost_packets;
                 self.lost_bytes += lost_bytes as u64;
             }
+
+            // quichex patch F.
+            old_active_path.left_behind = true;
         }
+
+        // quichex patch F.
+        self.paths.get_mut(path_id)?.left_behind = false;
 
         self.paths.set_active_path(path_id)
     }

@@ -163,6 +163,10 @@ pub struct Path {
     /// Destination CID sequence number used over that path.
     pub active_dcid_seq: Option<u64>,
 
+    // quichex patch F: the path was active and another one took over (the
+    // peer migrated, or was rebound by a NAT).
+    pub left_behind: bool,
+
     /// The current validation state of the path.
     state: PathState,
 
@@ -318,6 +322,7 @@ impl Path {
             peer_verified_local_address: false,
             challenge_requested: false,
             failure_notified: false,
+            left_behind: false,
             migrating: false,
             needs_ack_eliciting: false,
         }
