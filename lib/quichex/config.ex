@@ -78,11 +78,17 @@ defmodule Quichex.Config do
         "Congestion control: `:reno`, `:cubic`, or `:bbr` / `:bbr2` (both quiche 0.30's BBRv2)."
     ],
     enable_hystart: [type: :boolean, default: nil, doc: "HyStart++ (quiche default true)."],
-    enable_pacing: [type: :boolean, default: nil, doc: "Pacing (quiche default true)."],
+    enable_pacing: [
+      type: :boolean,
+      default: nil,
+      doc:
+        "Pacing (quiche default true): packets leave when quiche's pacer says, in batches of at most its send quantum. quiche 0.30 paces with `cc_algorithm: :bbr` only; Reno and CUBIC send at once."
+    ],
     max_pacing_rate: [
       type: {:integer, 1, 18_446_744_073_709_551_615},
       default: nil,
-      doc: "Cap on the pacing rate, in bytes per second."
+      doc:
+        "Cap on the pacing rate, in megabits per second (as quiche 0.30's BBRv2 reads it; no effect with Reno or CUBIC)."
     ],
     enable_dgram: [
       type: :boolean,

@@ -252,6 +252,7 @@ defmodule Quichex.Connection do
   `streams_reset_by_peer`, `streams_stopped_by_peer`,
   `amplification_limited` (servers: times output was held back because the
   client's address was not validated yet and 3x what it sent had gone out),
+  `paced_batches` (batches of packets held until quiche's pacer's time),
   and more.
 
       {:ok, %{rtt: rtt}} = Quichex.Connection.stats(conn)

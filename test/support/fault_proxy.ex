@@ -70,7 +70,8 @@ defmodule Quichex.Test.FaultProxy do
     opts =
       Keyword.validate!(
         opts,
-        [:upstream, seed: 0, max_lifetime_ms: 120_000] ++ Map.to_list(@default_rates)
+        [:upstream, seed: 0, max_lifetime_ms: 120_000, trace: 0] ++
+          Map.to_list(@default_rates)
       )
 
     case opts[:upstream] do
@@ -83,7 +84,10 @@ defmodule Quichex.Test.FaultProxy do
     unless is_integer(opts[:max_lifetime_ms]) and opts[:max_lifetime_ms] > 0,
       do: raise(ArgumentError, "max_lifetime_ms must be a positive integer")
 
-    rates = validate_rates!(Keyword.drop(opts, [:upstream, :seed, :max_lifetime_ms]))
+    unless is_integer(opts[:trace]) and opts[:trace] >= 0,
+      do: raise(ArgumentError, "trace must be a non-negative integer")
+
+    rates = validate_rates!(Keyword.drop(opts, [:upstream, :seed, :max_lifetime_ms, :trace]))
 
     case GenServer.start_link(__MODULE__, {opts, Map.merge(@default_rates, rates)}) do
       {:ok, pid} -> {:ok, pid, GenServer.call(pid, :port)}
@@ -106,6 +110,12 @@ defmodule Quichex.Test.FaultProxy do
 
   @doc "Counters per direction: `%{to_server: %{forwarded: n, ...}, to_client: %{...}}`."
   def stats(proxy), do: GenServer.call(proxy, :stats)
+
+  @doc """
+  With `trace: n` at start: the first `n` datagrams received, as
+  `{monotonic_us, direction, bytes}`, oldest first.
+  """
+  def trace(proxy), do: GenServer.call(proxy, :trace)
 
   @doc "The current rates."
   def rates(proxy), do: GenServer.call(proxy, :rates)
@@ -167,6 +177,7 @@ defmodule Quichex.Test.FaultProxy do
            to_client: :rand.seed_s(:exsss, {seed, 2, 0x5EED})
          },
          held: %{to_server: nil, to_client: nil},
+         trace: {opts[:trace], []},
          blackhole_until: nil,
          stats: Map.new(@dirs, fn dir -> {dir, Map.new(@counters, &{&1, 0})} end)
        }}
@@ -178,6 +189,7 @@ defmodule Quichex.Test.FaultProxy do
   @impl GenServer
   def handle_call(:port, _from, state), do: {:reply, state.port, state}
   def handle_call(:stats, _from, state), do: {:reply, state.stats, state}
+  def handle_call(:trace, _from, state), do: {:reply, Enum.reverse(elem(state.trace, 1)), state}
   def handle_call(:rates, _from, state), do: {:reply, state.rates, state}
 
   def handle_call({:set, rates}, _from, state),
@@ -240,7 +252,7 @@ defmodule Quichex.Test.FaultProxy do
   ## Faults
 
   defp incoming(dir, data, state) do
-    state = bump(state, dir, :received)
+    state = bump(state, dir, :received) |> record(dir, data)
     rates = state.rates
     rand = state.rand[dir]
     {u_drop, rand} = :rand.uniform_s(rand)
@@ -331,6 +343,13 @@ defmodule Quichex.Test.FaultProxy do
         {ip, port} = state.client
         sent(dir, :gen_udp.send(state.client_sock, ip, port, data), state)
     end
+  end
+
+  defp record(%{trace: {0, _}} = state, _dir, _data), do: state
+
+  defp record(%{trace: {left, list}} = state, dir, data) do
+    entry = {System.monotonic_time(:microsecond), dir, byte_size(data)}
+    %{state | trace: {left - 1, [entry | list]}}
   end
 
   defp sent(dir, :ok, state), do: bump(state, dir, :forwarded)

@@ -147,7 +147,7 @@ defmodule Quichex.Test.Helpers do
 
     {:ok, %{batches: batches}} = Quichex.Native.connection_flush(conn, [], [], 16)
 
-    for {_from, _to, data, seg} <- batches,
+    for {_from, _to, data, seg, _delay} <- batches,
         chunk <- chunks(data, seg),
         do: chunk
   end

@@ -215,7 +215,7 @@ defmodule Quichex.Connection.Driver do
     if out.more and not out.closed do
       flush_more(data)
     else
-      {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
+      flushed(data, out)
     end
   end
 
@@ -228,7 +228,11 @@ defmodule Quichex.Connection.Driver do
 
     if out.more and not out.closed,
       do: flush_more(data),
-      else: {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed}}
+      else: flushed(data, out)
+  end
+
+  defp flushed(data, out) do
+    {arm_write_timers(data), %{timeout: out.timeout, closed: out.closed, pace: pace_ms(data)}}
   end
 
   # One telemetry event per pass that dropped datagrams.
@@ -272,32 +276,76 @@ defmodule Quichex.Connection.Driver do
     end)
   end
 
+  ## Pacing: a batch quiche wants sent later waits in `data.paced` (and so
+  ## does every batch after it, to keep their order), released by one timer.
+
+  # Batches due within this many µs go now.
+  @pace_slack_us 500
+
   defp send_batches(data, []), do: data
 
-  defp send_batches(data, [{from, to, bin, seg} | rest]) do
+  defp send_batches(data, [{_from, _to, _bin, _seg, delay} = batch | rest]) do
+    if delay <= @pace_slack_us and :queue.is_empty(data.paced) do
+      send_batches(send_batch(data, batch), rest)
+    else
+      due = System.monotonic_time(:microsecond) + delay
+      paced = :queue.in({due, batch}, data.paced)
+      send_batches(%{data | paced: paced, paced_count: data.paced_count + 1}, rest)
+    end
+  end
+
+  @doc "Sends the paced batches that are due; `all?` sends every one (closing)."
+  def release_paced(%State{} = data, all? \\ false) do
+    now = System.monotonic_time(:microsecond)
+
+    case :queue.out(data.paced) do
+      {{:value, {due, batch}}, rest} when all? or due <= now + @pace_slack_us ->
+        release_paced(send_batch(%{data | paced: rest}, batch), all?)
+
+      _ ->
+        data
+    end
+  end
+
+  @doc "Milliseconds until the next paced batch is due, or nil."
+  def pace_ms(%State{paced: paced}) do
+    case :queue.peek(paced) do
+      {:value, {due, _batch}} ->
+        max(0, div(due - System.monotonic_time(:microsecond) + 999, 1_000))
+
+      :empty ->
+        nil
+    end
+  end
+
+  defp send_batch(data, {from, to, bin, seg, _delay}) do
+    send_batch(data, from, to, bin, seg)
+  end
+
+  defp send_batch(data, from, to, bin, seg) do
     # A client's packets for a probed or migrated path leave from that
     # path's socket.
     socket = Paths.socket(data.paths, from) || data.socket
 
     case UDP.send_batch(socket, to, bin, seg, data.gso) do
       :ok ->
-        send_batches(data, rest)
+        data
 
       {:ok, :gso_off} ->
-        send_batches(%{data | gso: false}, rest)
+        %{data | gso: false}
 
       # The listener socket we sent on is gone (its process is restarting):
       # another of the listener's sockets has the same address.
       {:error, :closed} when socket == data.socket and data.listener != nil ->
         case Quichex.Listener.Registry.any_socket(data.listener.shared) do
-          nil -> send_batches(data, rest)
-          other when other == socket -> send_batches(data, rest)
-          other -> send_batches(%{data | socket: other}, [{from, to, bin, seg} | rest])
+          nil -> data
+          other when other == socket -> data
+          other -> send_batch(%{data | socket: other}, from, to, bin, seg)
         end
 
       # A send error is a lost datagram to QUIC; recovery retransmits.
       {:error, _reason} ->
-        send_batches(data, rest)
+        data
     end
   end
 

@@ -19,6 +19,7 @@ defmodule Quichex.Connection.Reports do
     stats =
       s
       |> Map.put(:streams, Streams.count(data.streams))
+      |> Map.put(:paced_batches, data.paced_count)
       |> Map.merge(Quichex.Connection.Datagrams.stats(data.dgrams))
 
     {:ok, stats}

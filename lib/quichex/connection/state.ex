@@ -69,7 +69,11 @@ defmodule Quichex.Connection.State do
     # Packets lost so far, as last reported (for the packets_lost event).
     packets_lost: 0,
     # A :quichex_pass message is on its way to us.
-    pass_pending: false
+    pass_pending: false,
+    # Batches quiche's pacer wants sent later: {due_us, batch}, in order;
+    # how many were held so far.
+    paced: {[], []},
+    paced_count: 0
   ]
 
   @type t :: %__MODULE__{
@@ -115,7 +119,9 @@ defmodule Quichex.Connection.State do
           repoll: boolean(),
           dgrams: Quichex.Connection.Datagrams.t(),
           packets_lost: non_neg_integer(),
-          pass_pending: boolean()
+          pass_pending: boolean(),
+          paced: :queue.queue(),
+          paced_count: non_neg_integer()
         }
 
   @doc false

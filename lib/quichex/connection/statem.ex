@@ -209,6 +209,12 @@ defmodule Quichex.Connection.Statem do
 
   defp common(state, {:timeout, :quic}, :fire, data), do: drive(state, data, [], true)
 
+  # quiche's pacer: batches whose time has come.
+  defp common(_state, {:timeout, :pace}, :fire, data) do
+    data = Driver.release_paced(data)
+    {:keep_state, data, [{{:timeout, :pace}, Driver.pace_ms(data) || :infinity, :fire}]}
+  end
+
   # A datagram dgram_send/3 checked in the caller (see Datagrams).
   defp common(_state, :cast, {:dgram, bin}, data),
     do: {:keep_state, Driver.schedule_pass(%{data | dgrams: Datagrams.queue(data.dgrams, bin)})}
@@ -358,6 +364,7 @@ defmodule Quichex.Connection.Statem do
 
     {data, out} = Driver.flush(data)
     timer = {{:timeout, :quic}, out.timeout || :infinity, :fire}
+    pace = {{:timeout, :pace}, out.pace || :infinity, :fire}
 
     # What the peer takes is known from the first flush after the handshake:
     # dgram_send/3 can check it in the caller from then on.
@@ -371,10 +378,10 @@ defmodule Quichex.Connection.Statem do
       state != :draining and (status.draining or data.closing != nil) ->
         data = Transitions.closing(state, data)
         cap = {{:timeout, :drain_cap}, @drain_cap_ms, :expired}
-        {:next_state, :draining, data, [timer, cap | actions]}
+        {:next_state, :draining, data, [timer, pace, cap | actions]}
 
       true ->
-        {:next_state, state, data, [timer | actions]}
+        {:next_state, state, data, [timer, pace | actions]}
     end
   end
 

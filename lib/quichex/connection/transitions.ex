@@ -117,6 +117,9 @@ defmodule Quichex.Connection.Transitions do
         data
       end
 
+    # What the pacer still held goes now (the close comes last).
+    data = Driver.release_paced(data, true)
+
     if data.owns_socket, do: :socket.close(data.socket)
     Paths.close_all(data.paths)
     Mobility.unroute(data, data.cids)

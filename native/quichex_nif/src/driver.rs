@@ -10,6 +10,7 @@
 //! Both bound their work so a call stays well under a millisecond.
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
 
@@ -253,9 +254,10 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)], to: O
 struct Flush<'a> {
     /// One result per write given, in order: bytes written or `{:error, reason}`.
     writes: Vec<Term<'a>>,
-    /// `[{from, to, data, segment_size}]`: every segment of `data` but the
-    /// last has exactly `segment_size` bytes, ready for one GSO send from the
-    /// local address `from`.
+    /// `[{from, to, data, segment_size, delay_us}]`: every segment of `data`
+    /// but the last has exactly `segment_size` bytes, ready for one GSO send
+    /// from the local address `from`, `delay_us` microseconds from now
+    /// (quiche's pacing; 0: now).
     batches: Vec<Term<'a>>,
     /// The packet budget ran out before quiche had nothing left to send.
     more: bool,
@@ -329,15 +331,18 @@ fn connection_flush<'a>(
             scratch.resize(needed, 0);
         }
         let batches = send_batches(inner, scratch, max_packets, mtu, &mut more);
+        let now = Instant::now();
         batches
             .iter()
             .map(|b| {
                 let data = bytes_term(env, &scratch[b.start..b.start + b.len]);
+                let delay = b.at.saturating_duration_since(now).as_micros() as u64;
                 (
                     encode_addr(env, &b.from),
                     encode_addr(env, &b.to),
                     data,
                     b.seg,
+                    delay,
                 )
                     .encode(env)
             })
@@ -363,12 +368,19 @@ struct Batch {
     len: usize,
     seg: usize,
     count: usize,
+    /// When quiche's pacer wants the batch's first packet sent.
+    at: Instant,
 }
+
+/// Packets whose pacing times are this close go out in one batch.
+const PACING_GRANULARITY: Duration = Duration::from_millis(1);
 
 /// Runs quiche's send loop into `buf`, grouping packets into GSO batches:
 /// a batch ends at a packet shorter than its segment size, a new
-/// destination, 64 segments or 65,000 bytes. Sets `more` to false when
-/// quiche has nothing left to send.
+/// destination, 64 segments, 65,000 bytes or quiche's send quantum (the
+/// burst its pacer allows), or a packet paced more than a millisecond after
+/// the batch's first. Sets `more` to false when quiche has nothing left to
+/// send.
 fn send_batches(
     inner: &mut ConnInner,
     buf: &mut [u8],
@@ -378,6 +390,7 @@ fn send_batches(
 ) -> Vec<Batch> {
     let mut batches: Vec<Batch> = Vec::new();
     let mut off = 0usize;
+    let quantum = inner.conn.send_quantum().min(MAX_GSO_BYTES).max(mtu);
     for _ in 0..max_packets {
         // Before the client's address is validated, no datagram may go past
         // the budget: quiche gets a buffer no larger than what is left.
@@ -409,7 +422,8 @@ fn send_batches(
                     && b.len % b.seg == 0
                     && n <= b.seg
                     && b.count < MAX_GSO_SEGMENTS
-                    && b.len + n <= MAX_GSO_BYTES
+                    && b.len + n <= quantum
+                    && info.at <= b.at + PACING_GRANULARITY
             }
             None => false,
         };
@@ -425,6 +439,7 @@ fn send_batches(
                 len: n,
                 seg: n.max(1),
                 count: 1,
+                at: info.at,
             }),
         }
         off += n;
