@@ -18,6 +18,13 @@ defmodule Quichex.Config.Schema do
   def max_timeout, do: @max_timeout
 
   @doc false
+  # What every `:timeout` option takes: the one place its limit is told.
+  def timeout_doc do
+    "an integer of milliseconds from 0 to #{@max_timeout} (about 49.7 days: Erlang " <>
+      "timers take at most 2^32 - 1 ms) or `:infinity`"
+  end
+
+  @doc false
   def validate!(key, type, value) do
     unless valid?(type, value) do
       raise ArgumentError,

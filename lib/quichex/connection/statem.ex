@@ -35,6 +35,7 @@ defmodule Quichex.Connection.Statem do
   alias Quichex.Connection.{Streams, Transitions, UDP}
 
   @drain_cap_ms 3_000
+  @max_timer_ms Quichex.Config.Schema.max_timeout()
 
   ## Callbacks
 
@@ -355,7 +356,7 @@ defmodule Quichex.Connection.Statem do
     actions = status.actions ++ actions
 
     {data, out} = Driver.flush(data)
-    timer = {{:timeout, :quic}, out.timeout || :infinity, :fire}
+    timer = {{:timeout, :quic}, quic_timeout(out.timeout), :fire}
 
     # What the peer takes is known from the first flush after the handshake:
     # dgram_send/3 can check it in the caller from then on.
@@ -375,6 +376,12 @@ defmodule Quichex.Connection.Statem do
         {:next_state, state, data, [timer | actions]}
     end
   end
+
+  # quiche's next timer, within what an Erlang timer takes (a huge
+  # max_idle_timeout could exceed it): a timer that fires early only makes
+  # quiche find nothing due.
+  defp quic_timeout(nil), do: :infinity
+  defp quic_timeout(ms), do: min(ms, @max_timer_ms)
 
   defp maybe_established(:handshaking, data, %{established: true} = poll) do
     status = %{

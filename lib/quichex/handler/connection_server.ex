@@ -9,6 +9,9 @@ defmodule Quichex.Handler.ConnectionServer do
 
   alias Quichex.{Connection, Handler}
 
+  # A GenServer timeout takes no more.
+  @max_timeout Quichex.Config.Schema.max_timeout()
+
   @doc false
   # Started (not linked by start/3: the connection is not our parent, so its
   # exit reaches handle_info/2) and then linked from init/1.
@@ -76,7 +79,9 @@ defmodule Quichex.Handler.ConnectionServer do
 
   defp result({:continue, user}, state), do: {:noreply, %{state | state: user}}
 
-  defp result({:continue, user, timeout}, state), do: {:noreply, %{state | state: user}, timeout}
+  defp result({:continue, user, timeout}, state)
+       when timeout == :infinity or (is_integer(timeout) and timeout in 0..@max_timeout),
+       do: {:noreply, %{state | state: user}, timeout}
 
   defp result({:close, user}, state) do
     Connection.close(state.conn, error_code: 0, reason: "")
