@@ -159,8 +159,10 @@ defmodule Quichex.Connection do
 
   Returns `{:error, reason}` for an unresolvable host
   (`%TransportError{reason: {:resolve, :nxdomain}}`), a config whose TLS
-  files cannot be loaded, or a socket error. Bad options raise
-  `ArgumentError` naming the option.
+  files cannot be loaded (`%TransportError{reason: {:tls_file, option,
+  path}}`), a socket error (`%TransportError{reason: {:socket, posix}}`)
+  or a session ticket quiche cannot use (`%TransportError{reason:
+  :invalid_session}`). Bad options raise `ArgumentError` naming the option.
 
       {:ok, conn} = Quichex.Connection.connect(host: "127.0.0.1", port: 4433, config: config)
   """
@@ -220,23 +222,28 @@ defmodule Quichex.Connection do
 
   @doc false
   # The `:active` mode of streams the peer opens: `stream_opts[:active]`,
-  # else the connection's own `:active`.
+  # else the connection's own `:active`. A bad `:stream_opts` raises
+  # ArgumentError naming it.
   def stream_active!(stream_opts, default) do
-    stream_opts = Keyword.validate!(stream_opts, [:active])
+    active =
+      case stream_opts do
+        [] -> default
+        [active: active] -> active
+        _other -> :invalid
+      end
 
-    case Keyword.fetch(stream_opts, :active) do
-      {:ok, active} ->
-        Quichex.Stream.validate_active!(active)
-        active
-
-      :error ->
-        default
+    unless Schema.valid?({:or, [:boolean, {:in, [:once]}, :pos_integer]}, active) do
+      raise ArgumentError,
+            "invalid value for option :stream_opts: expected [active: true | false | :once | n], got: #{inspect(stream_opts, limit: 10)}"
     end
+
+    active
   end
 
   @doc """
   Waits until the handshake completes. Returns `:ok`, `{:error, reason}` when
-  the handshake failed, `{:error, :timeout}` or `{:error, :closed}`.
+  the handshake failed, `{:error, :timeout}` (after `timeout:`, default
+  5000 ms), `{:error, :closed}` or `{:error, :not_a_connection}`.
 
       :ok = Quichex.Connection.wait_connected(conn, timeout: 5_000)
   """
@@ -351,7 +358,7 @@ defmodule Quichex.Connection do
   def open_stream(conn, direction \\ :bidirectional, opts \\ [])
 
   def open_stream(conn, direction, opts) when direction in [:bidirectional, :unidirectional] do
-    opts = Keyword.validate!(opts, @open_defaults)
+    opts = Schema.validate_keyword!(opts, @open_defaults)
     if opts[:active] != nil, do: Quichex.Stream.validate_active!(opts[:active])
     {urgency, incremental} = Quichex.Stream.priority!(opts[:priority])
     timeout = opts[:timeout]
@@ -656,6 +663,10 @@ defmodule Quichex.Connection do
     do: resolve(Atom.to_string(host))
 
   defp resolve(host) when is_binary(host) and host != "" do
+    unless String.valid?(host) and not String.contains?(host, <<0>>) do
+      raise ArgumentError, "invalid value for option :host: #{inspect(host)}"
+    end
+
     charlist = String.to_charlist(host)
 
     with {:error, _} <- :inet.parse_address(charlist),
@@ -685,11 +696,12 @@ defmodule Quichex.Connection do
   defp server_name(nil, host), do: {:ok, sni(host)}
 
   defp server_name(name, _host) do
-    if name != "" and byte_size(name) <= 255 and not String.contains?(name, <<0>>) do
+    if name != "" and byte_size(name) <= 255 and String.valid?(name) and
+         not String.contains?(name, <<0>>) do
       {:ok, name}
     else
       raise ArgumentError,
-            "invalid value for option :server_name: expected a host name of 1..255 bytes, got: #{inspect(name)}"
+            "invalid value for option :server_name: expected a UTF-8 host name of 1..255 bytes, got: #{inspect(name)}"
     end
   end
 

@@ -132,9 +132,12 @@ defmodule Quichex.Listener do
 
   Under a supervisor, use `:handler`, or pass `:owner` in active mode: the
   default owner is the process that starts the listener, which is then the
-  supervisor.
+  supervisor. Options that are not a keyword list raise `ArgumentError`;
+  the rest are checked by `start_link/1`.
   """
   def child_spec(opts) do
+    Schema.keyword!(opts)
+
     %{
       id: {__MODULE__, Keyword.get(opts, :port, 0)},
       start: {__MODULE__, :start_link, [opts]},

@@ -253,7 +253,7 @@ defmodule Quichex.Stream do
   def shutdown(stream, how, opts \\ [])
 
   def shutdown(stream, how, opts) when how in [:read, :write, :both] do
-    opts = Keyword.validate!(opts, error_code: 0)
+    opts = Schema.validate_keyword!(opts, error_code: 0)
     code = opts[:error_code]
     Schema.validate!(:error_code, :varint, code)
 
@@ -357,7 +357,7 @@ defmodule Quichex.Stream do
   @doc false
   # `[urgency: 0..7, incremental: boolean]` to `{urgency, incremental}`.
   def priority!(opts) do
-    opts = Keyword.validate!(opts, urgency: @default_urgency, incremental: true)
+    opts = Schema.validate_keyword!(opts, urgency: @default_urgency, incremental: true)
     Schema.validate!(:urgency, {:integer, 0, 7}, opts[:urgency])
     Schema.validate!(:incremental, :boolean, opts[:incremental])
     {opts[:urgency], opts[:incremental]}
