@@ -134,9 +134,17 @@ defmodule Quichex.Connection do
   The controlling process is monitored: when it exits, the connection closes
   with application error 0 and the process exits.
 
-  Every call takes a `:timeout` (milliseconds or `:infinity`, at most
-  #{Quichex.Config.Schema.max_timeout()}) and returns `{:error, :closed}`
-  once the connection is gone. Calls that need an established connection
+  ## Arguments and errors
+
+  Every function but `connect/1` takes the connection's pid. Given anything
+  else it raises `ArgumentError`, as it does for a bad option (naming the
+  option). Given a pid that is not a connection (a stream, a listener, the
+  caller itself) it returns `{:error, :not_a_connection}` and the process
+  is left alone; given a connection that has ended, `{:error, :closed}`.
+
+  Every call takes a `:timeout`: #{Quichex.Config.Schema.timeout_doc()};
+  anything else raises `ArgumentError`. Past it the call returns
+  `{:error, :timeout}`. Calls that need an established connection
   (`open_stream/3`) wait while the handshake runs.
   """
 
@@ -150,6 +158,9 @@ defmodule Quichex.Connection do
   @type priority :: [urgency: 0..7, incremental: boolean()]
 
   @open_defaults [active: nil, priority: [], timeout: 5_000]
+
+  # The errors every call can return (see "Arguments and errors").
+  @call_errors "`{:error, :closed}`, `{:error, :timeout}`, `{:error, :not_a_connection}`"
 
   ## Public API
 
@@ -256,7 +267,8 @@ defmodule Quichex.Connection do
   `packets_sent`, `packets_received`, `packets_lost`,
   `packets_retransmitted`, `stream_bytes_retransmitted`, `pmtu`,
   `delivery_rate`, `send_quantum`, `streams` (open stream processes),
-  `streams_reset_by_peer`, `streams_stopped_by_peer`, and more.
+  `streams_reset_by_peer`, `streams_stopped_by_peer`, and more. Errors:
+  #{@call_errors}.
 
       {:ok, %{rtt: rtt}} = Quichex.Connection.stats(conn)
   """
@@ -268,7 +280,8 @@ defmodule Quichex.Connection do
   `server_name`, `is_server`, `is_established`, `is_closed`, `is_draining`,
   `is_resumed`, `state`, `retry` (Retry was used), `peer_transport_params`,
   `source_id`, `destination_id`, `peer_cert` (DER), `trace_id`,
-  `max_send_udp_payload_size`, `gso` (UDP GSO in use).
+  `max_send_udp_payload_size`, `gso` (UDP GSO in use). Errors:
+  #{@call_errors}.
 
       {:ok, %{alpn: "echo"}} = Quichex.Connection.info(conn)
   """
@@ -276,7 +289,8 @@ defmodule Quichex.Connection do
   def info(conn, opts \\ []), do: call(conn, :info, timeout_opt(opts))
 
   @doc """
-  Whether the handshake has completed and the connection is open.
+  Whether the handshake has completed and the connection is open (`false`
+  for a pid that is not a connection).
 
       true = Quichex.Connection.is_established?(conn)
   """
@@ -284,7 +298,8 @@ defmodule Quichex.Connection do
   def is_established?(conn), do: state_of(conn) == :established
 
   @doc """
-  Whether the connection is draining (closing, CONNECTION_CLOSE sent or received).
+  Whether the connection is draining (closing, CONNECTION_CLOSE sent or
+  received; `false` for a pid that is not a connection).
 
       false = Quichex.Connection.is_draining?(conn)
   """
@@ -292,7 +307,8 @@ defmodule Quichex.Connection do
   def is_draining?(conn), do: state_of(conn) == :draining
 
   @doc """
-  Whether the connection is closed (its process is gone or about to exit).
+  Whether `conn` is no longer an open connection: closed, its process gone
+  or about to exit (also `true` for a pid that is not a connection).
 
       false = Quichex.Connection.is_closed?(conn)
   """
@@ -310,26 +326,30 @@ defmodule Quichex.Connection do
   Closes the connection: sends CONNECTION_CLOSE with an application
   `:error_code` (default 0) and `:reason` (default `""`), then drains in
   the background and exits. Returns `:ok`, also when the connection was
-  already closed.
+  already closed; `{:error, :not_a_connection}`, or `{:error, :timeout}`
+  when the connection did not take the close within `timeout:` (default
+  5000 ms; it closes once it gets to it).
 
       :ok = Quichex.Connection.close(conn, error_code: 0, reason: "done")
   """
-  @spec close(t(), keyword()) :: :ok
+  @spec close(t(), keyword()) :: :ok | {:error, :not_a_connection | :timeout}
   def close(conn, opts \\ []) do
-    opts = Keyword.validate!(opts, error_code: 0, reason: "", timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, error_code: 0, reason: "", timeout: 5_000)
     Schema.validate!(:error_code, :varint, opts[:error_code])
     Schema.validate!(:reason, :string, opts[:reason])
     Schema.validate!(:timeout, :timeout, opts[:timeout])
 
     case call(conn, {:close, opts[:error_code], opts[:reason]}, opts[:timeout]) do
-      _ -> :ok
+      {:error, reason} when reason in [:not_a_connection, :timeout] -> {:error, reason}
+      _closed -> :ok
     end
   end
 
   @doc """
   Makes `pid` the controlling process. Only the current controlling process
   may call it (`{:error, :not_owner}` otherwise); `pid` must be alive
-  (`{:error, :dead_owner}` otherwise, and nothing changes).
+  (`{:error, :dead_owner}` otherwise, and nothing changes; a pid on another
+  node must be on a connected node). Also #{@call_errors}.
 
       :ok = Quichex.Connection.controlling_process(conn, pid)
   """
@@ -350,6 +370,9 @@ defmodule Quichex.Connection do
     * `:timeout` - milliseconds (default 5000) to wait for the handshake
       and for stream credit from the peer (`{:error, :stream_limit}` when
       none came).
+
+  Other errors: `{:error, %Quichex.TransportError{}}` when quiche refuses
+  to open the stream, #{@call_errors}.
 
       {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
   """
@@ -386,7 +409,7 @@ defmodule Quichex.Connection do
   @doc """
   The latest session ticket the server sent (clients): `{:ok, ticket}` or
   `{:error, :no_ticket}`. A ticket is an opaque binary: store it and pass
-  it as `:session` to `connect/1` to resume.
+  it as `:session` to `connect/1` to resume. Other errors: #{@call_errors}.
 
       {:ok, ticket} = Quichex.Connection.session(conn)
       {:ok, again} = Quichex.Connection.connect(host: "localhost", port: 4433, config: config, session: ticket)
@@ -405,8 +428,9 @@ defmodule Quichex.Connection do
   `:address_family`, a `Quichex.TransportError` with reason
   `{:socket, reason}` (the local address could not be bound), `:timeout`
   (the call's `:timeout`, default 5000 ms; a new path needs a spare
-  connection ID from the server, which is waited for within it). Path
-  events reach the owner as well. See the migration guide.
+  connection ID from the server, which is waited for within it),
+  `:closed`, `:not_a_connection`. Path events reach the owner as well.
+  See the migration guide.
 
       {:ok, path_id} = Quichex.Connection.migrate(conn, {{127, 0, 0, 1}, 0})
   """
@@ -418,7 +442,7 @@ defmodule Quichex.Connection do
   @doc """
   Validates the path from `local_address` to `peer_address` (a new UDP
   socket of ours, as for `migrate/3`) without moving to it: `{:ok, path_id}`
-  once the peer answered, `{:error, reason}` otherwise.
+  once the peer answered, `{:error, reason}` otherwise (as for `migrate/3`).
 
       {:ok, path_id} = Quichex.Connection.probe_path(conn, {{127, 0, 0, 1}, 0}, nil)
   """
@@ -455,6 +479,7 @@ defmodule Quichex.Connection do
   `min_rtt`, `rttvar` in µs, `cwnd`, `pmtu`, `delivery_rate`,
   `packets_lost`, `packets_retransmitted`, `packets_sent`,
   `packets_received`, `bytes_sent`, `bytes_received`, `bytes_lost`).
+  Errors: #{@call_errors}.
 
       {:ok, [%{id: 0, active: true}]} = Quichex.Connection.paths(conn)
   """
@@ -462,7 +487,8 @@ defmodule Quichex.Connection do
   def paths(conn, opts \\ []), do: call(conn, :paths, timeout_opt(opts))
 
   @doc """
-  The path the connection sends on: `{:ok, path}` (see `paths/2`).
+  The path the connection sends on: `{:ok, path}` (see `paths/2`), or
+  `{:error, :no_active_path}` and the errors of `paths/2`.
 
       {:ok, %{id: 0, peer: _peer}} = Quichex.Connection.active_path(conn)
   """
@@ -478,7 +504,7 @@ defmodule Quichex.Connection do
 
   @doc """
   The statistics of one path, by id or by `{local, peer}`: `{:ok, path}`
-  (see `paths/2`) or `{:error, :unknown_path}`.
+  (see `paths/2`) or `{:error, :unknown_path}` and the errors of `paths/2`.
 
       {:ok, %{rtt: rtt, cwnd: cwnd}} = Quichex.Connection.path_stats(conn, 0)
   """
@@ -498,7 +524,9 @@ defmodule Quichex.Connection do
   @doc """
   Rotates our connection ID: offers the peer a fresh one and asks it to
   retire the older ones, so its packets carry an ID not seen before
-  (RFC 9000 section 9.5). Returns `{:ok, cid}`, or `{:error, reason}`.
+  (RFC 9000 section 9.5). Returns `{:ok, cid}`, or `{:error, reason}`:
+  `%Quichex.TransportError{}` when quiche cannot (the peer's
+  `active_connection_id_limit`), #{@call_errors}.
 
       {:ok, _cid} = Quichex.Connection.rotate_cid(conn)
   """
@@ -518,7 +546,7 @@ defmodule Quichex.Connection do
     * `{:too_big, max}` - the payload exceeds what fits in one packet on
       the current path (`dgram_max_size/2`);
     * `:queue_full` - `dgram_send_queue_len` datagrams are already waiting;
-    * `:closed` / `:timeout`.
+    * `:closed` / `:timeout` / `:not_a_connection`.
 
   Called during the handshake, it waits until the handshake completes.
 
@@ -544,8 +572,8 @@ defmodule Quichex.Connection do
 
   @doc """
   The largest datagram payload `dgram_send/3` takes now: `{:ok, bytes}`, or
-  `{:error, :disabled | :not_negotiated | :closed}`. It depends on the
-  path's packet size, so it can change during the connection.
+  `{:error, :disabled | :not_negotiated}` and #{@call_errors}. It depends
+  on the path's packet size, so it can change during the connection.
 
       {:ok, max} = Quichex.Connection.dgram_max_size(conn)
   """
@@ -557,8 +585,9 @@ defmodule Quichex.Connection do
   `active: false`): `{:ok, data}`, or `{:error, :timeout}` when none arrived
   within `:timeout` ms (default 5000), `{:error, :active}` on an active
   connection (datagrams arrive as `{:quic_dgram, conn, data}` there),
-  `{:error, :closed}`. At most `dgram_recv_queue_len` datagrams wait; when
-  more arrive, the oldest are dropped (see `stats/2`).
+  `{:error, :closed}`, `{:error, :not_a_connection}`. At most
+  `dgram_recv_queue_len` datagrams wait; when more arrive, the oldest are
+  dropped (see `stats/2`).
 
       {:ok, data} = Quichex.Connection.dgram_recv(conn, timeout: 1_000)
   """
@@ -600,7 +629,7 @@ defmodule Quichex.Connection do
 
   @doc """
   The connection's streams that have data (or their end) waiting to be
-  received: `{:ok, [stream_pid]}`.
+  received: `{:ok, [stream_pid]}`. Errors: #{@call_errors}.
 
       {:ok, readable} = Quichex.Connection.readable_streams(conn)
   """
@@ -616,7 +645,7 @@ defmodule Quichex.Connection do
   @doc """
   The connection's streams that can take data now (their sending side is
   open, nothing is queued on them, and flow and congestion control leave
-  room): `{:ok, [stream_pid]}`.
+  room): `{:ok, [stream_pid]}`. Errors: #{@call_errors}.
 
       {:ok, writable} = Quichex.Connection.writable_streams(conn)
   """
@@ -624,26 +653,22 @@ defmodule Quichex.Connection do
   def writable_streams(conn, opts \\ []), do: call(conn, :writable_streams, timeout_opt(opts))
 
   defp timeout_opt(opts) do
-    opts = Keyword.validate!(opts, timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, timeout: 5_000)
     Schema.validate!(:timeout, :timeout, opts[:timeout])
     opts[:timeout]
   end
 
   @doc false
-  # A call that never hangs on a dead connection: exits become
-  # {:error, :closed}, a timeout becomes {:error, :timeout}. `grace` lets the
-  # connection answer a deadline it enforces itself before the call gives up.
+  # A call that never hangs on a dead connection nor harms a process that
+  # is not one (Quichex.Call): exits become {:error, :closed}, a timeout
+  # {:error, :timeout}, another kind of process {:error, :not_a_connection}.
+  # `timeout` is validated; `grace` lets the connection answer a deadline
+  # it enforces itself before the call gives up.
   def call(conn, request, timeout, grace \\ 0)
 
   def call(conn, request, timeout, grace) when is_pid(conn) do
     call_timeout = if timeout == :infinity, do: :infinity, else: timeout + grace
-
-    try do
-      :gen_statem.call(conn, request, call_timeout)
-    catch
-      :exit, {:timeout, _} -> {:error, :timeout}
-      :exit, _ -> {:error, :closed}
-    end
+    Quichex.Call.call(conn, request, call_timeout, :not_a_connection)
   end
 
   def call(conn, _request, _timeout, _grace) do

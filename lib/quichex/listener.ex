@@ -122,8 +122,16 @@ defmodule Quichex.Listener do
 
   use Supervisor
 
+  alias Quichex.Call
   alias Quichex.Config.Schema
   alias Quichex.Connection.CID
+
+  @typedoc "A listener: the pid `start_link/1` returned."
+  @type t :: pid()
+
+  # The errors of every function that asks a listener something.
+  @errors "`{:error, :closed}` (the listener stopped), `{:error, :not_a_listener}` " <>
+            "(a live process that is not a listener, left alone)"
 
   @doc """
   A child spec, so a listener can live in your supervision tree:
@@ -242,12 +250,12 @@ defmodule Quichex.Listener do
   defp unwrap(reason), do: reason
 
   @doc """
-  The `{ip, port}` the listener's socket is bound to.
+  The `{ip, port}` the listener's socket is bound to: `{:ok, {ip, port}}`,
+  or #{@errors}.
 
       {:ok, {{127, 0, 0, 1}, port}} = Quichex.Listener.sockname(listener)
   """
-  @spec sockname(Supervisor.supervisor()) ::
-          {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
+  @spec sockname(t()) :: {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
   def sockname(listener), do: socket_call(listener, :sockname)
 
   @doc """
@@ -255,65 +263,111 @@ defmodule Quichex.Listener do
   routing table), `accepted`, `refused` (over
   `max_connections`), `unroutable` and `invalid` (dropped datagrams),
   `version_negotiation`, `retry_sent`, `retry_validated`, `invalid_token`,
-  `datagrams_received`.
+  `datagrams_received`. Errors: #{@errors}.
 
       {:ok, %{connections: 0}} = Quichex.Listener.stats(listener)
   """
-  @spec stats(Supervisor.supervisor()) :: {:ok, map()} | {:error, term()}
+  @spec stats(t()) :: {:ok, map()} | {:error, term()}
   def stats(listener), do: socket_call(listener, :stats)
 
-  @doc "Stops the listener and every connection it accepted."
-  @spec stop(Supervisor.supervisor(), timeout()) :: :ok
+  @doc """
+  Stops the listener and every connection it accepted, waiting up to
+  `timeout` (#{Schema.timeout_doc()}; default 5000; anything else raises
+  `ArgumentError`).
+
+  Returns `:ok`, also when the listener had already stopped;
+  `{:error, :not_a_listener}` for a live process that is not a listener
+  (which is left running), or `{:error, :timeout}` when the listener has
+  not finished stopping within `timeout` (it goes on stopping).
+
+      :ok = Quichex.Listener.stop(listener)
+  """
+  @spec stop(t(), timeout()) :: :ok | {:error, :not_a_listener | :timeout}
   def stop(listener, timeout \\ 5_000) do
+    Schema.validate!(:timeout, :timeout, timeout)
+
+    case check(listener) do
+      :ok -> stop_supervisor(listener, timeout)
+      {:error, :closed} -> :ok
+      error -> error
+    end
+  end
+
+  defp stop_supervisor(listener, timeout) do
     Supervisor.stop(listener, :normal, timeout)
   catch
-    :exit, _ -> :ok
+    :exit, :timeout -> {:error, :timeout}
+    :exit, _gone -> :ok
   end
 
   @doc """
-  The live connections the listener accepted: `{:ok, [conn_pid]}`.
+  The live connections the listener accepted: `{:ok, [conn_pid]}`, or
+  #{@errors}.
 
       {:ok, conns} = Quichex.Listener.connections(listener)
   """
-  @spec connections(Supervisor.supervisor()) :: {:ok, [pid()]} | {:error, term()}
+  @spec connections(t()) :: {:ok, [pid()]} | {:error, term()}
   def connections(listener) do
-    case children(listener) do
-      %{connections: sup} when is_pid(sup) ->
-        pids = for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid), do: pid
-        {:ok, pids}
+    with :ok <- check(listener) do
+      case children(listener) do
+        %{connections: sup} when is_pid(sup) ->
+          pids = for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid), do: pid
+          {:ok, pids}
 
-      _ ->
-        {:error, :closed}
+        _ ->
+          {:error, :closed}
+      end
     end
   catch
     :exit, _ -> {:error, :closed}
   end
 
   @doc false
-  def children(listener) do
-    Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
+  # The listener's children by id (`%{}` for anything but a live listener).
+  def children(listener) when is_pid(listener) do
+    if Call.kind(listener) == :listener do
+      Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
+    else
+      %{}
+    end
+  catch
+    :exit, _ -> %{}
   end
 
   defp socket_call(listener, request) do
-    case children(listener) do
-      %{socket: pid} when is_pid(pid) -> GenServer.call(pid, request)
-      _ -> {:error, :closed}
+    with :ok <- check(listener) do
+      case children(listener) do
+        %{socket: pid} when is_pid(pid) ->
+          Call.call(pid, {:quichex_listener, request}, 5_000, :not_a_listener)
+
+        _ ->
+          {:error, :closed}
+      end
     end
-  catch
-    :exit, _ -> {:error, :closed}
   end
+
+  # Only a listener's own supervisor is a listener; any other call on it
+  # could crash it (Quichex.Call).
+  defp check(listener) when is_pid(listener) do
+    cond do
+      Call.kind(listener) == :listener -> :ok
+      Call.alive?(listener) -> {:error, :not_a_listener}
+      true -> {:error, :closed}
+    end
+  end
+
+  defp check(other), do: raise(ArgumentError, "expected a listener pid, got: #{inspect(other)}")
 
   @impl Supervisor
   def init(opts) do
+    :ok = Call.register(:listener)
     opts = Map.put(opts, :listener, self())
 
     children = [
       %{id: :socket, start: {Quichex.Listener.Socket, :start_link, [opts]}},
       %{
         id: :connections,
-        start:
-          {DynamicSupervisor, :start_link,
-           [[strategy: :one_for_one, max_children: opts.max_connections]]},
+        start: {Quichex.Listener.Connections, :start_link, [opts.max_connections]},
         type: :supervisor
       }
     ]

@@ -309,7 +309,7 @@ defmodule Quichex.Connection.Statem do
       data.owner != nil and caller != data.owner ->
         {:keep_state_and_data, {:reply, from, {:error, :not_owner}}}
 
-      not Process.alive?(pid) ->
+      not Quichex.Call.alive?(pid) ->
         {:keep_state_and_data, {:reply, from, {:error, :dead_owner}}}
 
       true ->
@@ -320,8 +320,10 @@ defmodule Quichex.Connection.Statem do
     end
   end
 
+  # A call meant for another kind of process (a Quichex.Stream function
+  # given a connection): answered, and nothing changes.
   defp common(_state, {:call, from}, _unknown, _data),
-    do: {:keep_state_and_data, {:reply, from, {:error, :badarg}}}
+    do: {:keep_state_and_data, {:reply, from, Quichex.Call.unknown_call()}}
 
   defp common(_state, _type, _content, _data), do: :keep_state_and_data
 

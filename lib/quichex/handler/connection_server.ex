@@ -27,6 +27,11 @@ defmodule Quichex.Handler.ConnectionServer do
     {:ok, %{module: module, state: options, conn: conn}}
   end
 
+  # Calls are not part of a handler's life: a Connection or Stream function
+  # given this pid gets an error, and the handler carries on.
+  @impl GenServer
+  def handle_call(_request, _from, state), do: {:reply, Quichex.Call.unknown_call(), state}
+
   @impl GenServer
   def handle_info({:quic_connected, conn}, %{conn: conn} = state) do
     result(state.module.handle_connection(conn, state.state), state)

@@ -84,6 +84,10 @@ defmodule Quichex.Listener.Socket do
     {:reply, {:ok, stats}, state}
   end
 
+  # A call meant for another kind of process (a Connection or Stream
+  # function given this pid): answered, and nothing changes.
+  def handle_call(_request, _from, state), do: {:reply, Quichex.Call.unknown_call(), state}
+
   @impl GenServer
   def handle_info({:"$socket", socket, :select, _}, %{socket: socket} = state) do
     {:noreply, read(state)}
