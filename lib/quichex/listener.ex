@@ -124,7 +124,7 @@ defmodule Quichex.Listener do
 
   alias Quichex.Call
   alias Quichex.Config.Schema
-  alias Quichex.Connection.CID
+  alias Quichex.Connection.{CID, UDP}
 
   @typedoc "A listener: the pid `start_link/1` returned."
   @type t :: pid()
@@ -155,9 +155,10 @@ defmodule Quichex.Listener do
 
   @doc """
   Starts a listener linked to the caller. Raises `ArgumentError` for bad
-  options; returns `{:error, reason}` when the socket cannot be opened or
-  the config's TLS files cannot be loaded (like any `start_link`, a caller
-  that does not trap exits also gets the exit signal of the failed start).
+  options; returns `{:error, reason}` when the socket cannot be opened
+  (`%Quichex.TransportError{reason: {:socket, posix}}`, e.g. `:eaddrinuse`)
+  or the config's TLS files cannot be loaded (`%Quichex.TransportError{reason:
+  {:tls_file, option, path}}`). Nothing is started then, and nothing logged.
 
       {:ok, listener} = Quichex.Listener.start_link(port: 0, ip: {127, 0, 0, 1}, config: config)
   """
@@ -219,13 +220,45 @@ defmodule Quichex.Listener do
     no_early = Quichex.Config.put(config, :enable_early_data, false)
 
     with {:ok, native} <- Quichex.Config.build(config, :server),
-         {:ok, native_no_early} <- Quichex.Config.build(no_early, :server) do
-      opts = Map.merge(opts, %{native_config: native, native_config_no_early: native_no_early})
+         {:ok, native_no_early} <- Quichex.Config.build(no_early, :server),
+         {:ok, socket, caps} <- open_socket(opts.ip, opts.port) do
+      opts
+      |> Map.merge(%{
+        native_config: native,
+        native_config_no_early: native_no_early,
+        socket: socket,
+        caps: caps
+      })
+      |> start_supervisor()
+    end
+  end
 
-      case Supervisor.start_link(__MODULE__, opts) do
-        {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
-        other -> other
-      end
+  # The socket is opened by the caller, not in the socket process: a port
+  # in use is then an {:error, _} for the caller instead of a failed start
+  # (a supervisor report, and an exit signal to the caller). The socket
+  # process owns it from then on.
+  defp open_socket(ip, port) do
+    case UDP.open(ip, port) do
+      {:ok, socket, caps} -> {:ok, socket, caps}
+      {:error, reason} -> {:error, Quichex.TransportError.new({:socket, reason})}
+    end
+  end
+
+  defp start_supervisor(opts) do
+    case Supervisor.start_link(__MODULE__, opts) do
+      {:ok, listener} ->
+        with %{socket: pid} when is_pid(pid) <- children(listener),
+             do: :socket.setopt(opts.socket, {:otp, :controlling_process}, pid)
+
+        {:ok, listener}
+
+      {:error, {:shutdown, {:failed_to_start_child, _, reason}}} ->
+        :socket.close(opts.socket)
+        {:error, unwrap(reason)}
+
+      other ->
+        :socket.close(opts.socket)
+        other
     end
   end
 

@@ -27,54 +27,51 @@ defmodule Quichex.Listener.Socket do
   ## Callbacks
 
   @impl GenServer
-  def init(opts) do
+  # The socket was opened by Quichex.Listener.start_link/1, which makes this
+  # process its owner once the listener has started.
+  def init(%{socket: socket, caps: caps} = opts) do
     Process.flag(:trap_exit, true)
+    {:ok, local} = UDP.sockname(socket)
+    table = :ets.new(:quichex_routes, [:set, :public, read_concurrency: true])
 
-    case UDP.open(opts.ip, opts.port) do
-      {:ok, socket, caps} ->
-        {:ok, local} = UDP.sockname(socket)
-        table = :ets.new(:quichex_routes, [:set, :public, read_concurrency: true])
+    state = %{
+      opts: opts,
+      socket: socket,
+      caps: caps,
+      local: local,
+      table: table,
+      secret: :crypto.strong_rand_bytes(32),
+      conns: %{},
+      reset_tokens: @resets_per_second,
+      reset_refilled: System.monotonic_time(:millisecond),
+      started_at: Telemetry.start(:listener, %{listener: opts.listener, local_address: local}),
+      stats: %{
+        accepted: 0,
+        refused: 0,
+        unroutable: 0,
+        invalid: 0,
+        version_negotiation: 0,
+        retry_sent: 0,
+        retry_validated: 0,
+        invalid_token: 0,
+        stateless_resets: 0,
+        datagrams_received: 0
+      }
+    }
 
-        state = %{
-          opts: opts,
-          socket: socket,
-          caps: caps,
-          local: local,
-          table: table,
-          secret: :crypto.strong_rand_bytes(32),
-          conns: %{},
-          reset_tokens: @resets_per_second,
-          reset_refilled: System.monotonic_time(:millisecond),
-          started_at:
-            Telemetry.start(:listener, %{listener: opts.listener, local_address: local}),
-          stats: %{
-            accepted: 0,
-            refused: 0,
-            unroutable: 0,
-            invalid: 0,
-            version_negotiation: 0,
-            retry_sent: 0,
-            retry_validated: 0,
-            invalid_token: 0,
-            stateless_resets: 0,
-            datagrams_received: 0
-          }
-        }
-
-        {:ok, state, {:continue, :read}}
-
-      {:error, reason} ->
-        {:stop, {:shutdown, Quichex.TransportError.new({:socket, reason})}}
-    end
+    {:ok, state, {:continue, :read}}
   end
 
   @impl GenServer
   def handle_continue(:read, state), do: {:noreply, read(state)}
 
   @impl GenServer
-  def handle_call(:sockname, _from, state), do: {:reply, {:ok, state.local}, state}
+  # Listener requests are tagged, so that no other kind of process takes
+  # them for its own (Quichex.Call).
+  def handle_call({:quichex_listener, :sockname}, _from, state),
+    do: {:reply, {:ok, state.local}, state}
 
-  def handle_call(:stats, _from, state) do
+  def handle_call({:quichex_listener, :stats}, _from, state) do
     stats =
       Map.merge(state.stats, %{
         connections: map_size(state.conns),
