@@ -304,13 +304,21 @@ defmodule Quichex.Listener.Socket do
     }
 
     with {:ok, sup} <- sibling(state, :connections),
-         {:ok, pid} <- DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args)) do
+         {:ok, pid} <- start_connection(sup, args) do
       Enum.each(cids, &:ets.insert(state.table, {&1, pid}))
       ref = Process.monitor(pid)
       %{bump(state, :accepted) | conns: Map.put(state.conns, ref, cids)}
     else
       _ -> bump(state, :refused)
     end
+  end
+
+  defp start_connection(sup, args) do
+    DynamicSupervisor.start_child(sup, Quichex.Connection.child_spec(args))
+  catch
+    # The listener is stopping: the supervisor of its connections stops
+    # before this process does, and an Initial may arrive in between.
+    :exit, _stopping -> {:error, :stopping}
   end
 
   # With an accept_early_data filter, a connection it refuses gets the
