@@ -9,6 +9,9 @@ defmodule Quichex.Application do
     Quichex.Connection.Datagrams.create_table()
 
     children = [
+      # The listeners' supervisors, which the API must never call by
+      # mistake (Quichex.Call).
+      Quichex.Call,
       # Client connections, partitioned per scheduler so concurrent connects
       # do not queue behind one supervisor.
       {PartitionSupervisor, child_spec: DynamicSupervisor, name: Quichex.ConnectionSupervisor}

@@ -247,7 +247,8 @@ defmodule Quichex.Config do
   end
 
   @doc """
-  Returns an option's value (its default when it was never set).
+  Returns an option's value (its default when it was never set). Raises
+  `ArgumentError` for a key that is not an option.
 
       iex> Quichex.Config.new() |> Quichex.Config.get(:cc_algorithm)
       :cubic
@@ -256,24 +257,27 @@ defmodule Quichex.Config do
   def get(%__MODULE__{options: options}, key) when is_atom(key) do
     case Map.fetch(options, key) do
       {:ok, value} -> value
-      :error -> Keyword.fetch!(@schema, key)[:default]
+      :error -> spec!(key)[:default]
+    end
+  end
+
+  defp spec!(key) do
+    case List.keyfind(@schema, key, 0) do
+      {^key, spec} -> spec
+      nil -> raise ArgumentError, "unknown Quichex.Config option #{inspect(key, limit: 10)}"
     end
   end
 
   @doc """
-  Sets one option by name, validating it.
+  Sets one option by name, validating it: an unknown option or a bad value
+  raises `ArgumentError` naming the option.
 
       iex> Quichex.Config.new() |> Quichex.Config.put(:grease, false) |> Quichex.Config.get(:grease)
       false
   """
   @spec put(t(), atom(), term()) :: t()
   def put(%__MODULE__{} = config, key, value) do
-    spec =
-      case Keyword.fetch(@schema, key) do
-        {:ok, spec} -> spec
-        :error -> raise ArgumentError, "unknown Quichex.Config option #{inspect(key)}"
-      end
-
+    spec = spec!(key)
     Schema.validate!(key, spec[:type], value)
     %{config | options: Map.put(config.options, key, value)}
   end
@@ -298,7 +302,7 @@ defmodule Quichex.Config do
       :ok
   """
   @spec check(t(), :client | :server) :: :ok | {:error, Quichex.TransportError.t()}
-  def check(%__MODULE__{} = config, role \\ :client) do
+  def check(%__MODULE__{} = config, role \\ :client) when role in [:client, :server] do
     with {:ok, _native} <- build(config, role), do: :ok
   end
 
@@ -440,7 +444,7 @@ defmodule Quichex.Config do
   """
   @spec enable_dgram(t(), boolean(), keyword()) :: t()
   def enable_dgram(%__MODULE__{} = config, enabled, opts \\ []) do
-    opts = Keyword.validate!(opts, recv_queue_len: 1000, send_queue_len: 1000)
+    opts = Schema.validate_keyword!(opts, recv_queue_len: 1000, send_queue_len: 1000)
 
     config
     |> put(:enable_dgram, enabled)

@@ -134,9 +134,17 @@ defmodule Quichex.Connection do
   The controlling process is monitored: when it exits, the connection closes
   with application error 0 and the process exits.
 
-  Every call takes a `:timeout` (milliseconds or `:infinity`, at most
-  #{Quichex.Config.Schema.max_timeout()}) and returns `{:error, :closed}`
-  once the connection is gone. Calls that need an established connection
+  ## Arguments and errors
+
+  Every function but `connect/1` takes the connection's pid. Given anything
+  else it raises `ArgumentError`, as it does for a bad option (naming the
+  option). Given a pid that is not a connection (a stream, a listener, the
+  caller itself) it returns `{:error, :not_a_connection}` and the process
+  is left alone; given a connection that has ended, `{:error, :closed}`.
+
+  Every call takes a `:timeout`: #{Quichex.Config.Schema.timeout_doc()};
+  anything else raises `ArgumentError`. Past it the call returns
+  `{:error, :timeout}`. Calls that need an established connection
   (`open_stream/3`) wait while the handshake runs.
   """
 
@@ -151,6 +159,9 @@ defmodule Quichex.Connection do
 
   @open_defaults [active: nil, priority: [], timeout: 5_000]
 
+  # The errors every call can return (see "Arguments and errors").
+  @call_errors "`{:error, :closed}`, `{:error, :timeout}`, `{:error, :not_a_connection}`"
+
   ## Public API
 
   @doc """
@@ -159,8 +170,10 @@ defmodule Quichex.Connection do
 
   Returns `{:error, reason}` for an unresolvable host
   (`%TransportError{reason: {:resolve, :nxdomain}}`), a config whose TLS
-  files cannot be loaded, or a socket error. Bad options raise
-  `ArgumentError` naming the option.
+  files cannot be loaded (`%TransportError{reason: {:tls_file, option,
+  path}}`), a socket error (`%TransportError{reason: {:socket, posix}}`)
+  or a session ticket quiche cannot use (`%TransportError{reason:
+  :invalid_session}`). Bad options raise `ArgumentError` naming the option.
 
       {:ok, conn} = Quichex.Connection.connect(host: "127.0.0.1", port: 4433, config: config)
   """
@@ -220,23 +233,28 @@ defmodule Quichex.Connection do
 
   @doc false
   # The `:active` mode of streams the peer opens: `stream_opts[:active]`,
-  # else the connection's own `:active`.
+  # else the connection's own `:active`. A bad `:stream_opts` raises
+  # ArgumentError naming it.
   def stream_active!(stream_opts, default) do
-    stream_opts = Keyword.validate!(stream_opts, [:active])
+    active =
+      case stream_opts do
+        [] -> default
+        [active: active] -> active
+        _other -> :invalid
+      end
 
-    case Keyword.fetch(stream_opts, :active) do
-      {:ok, active} ->
-        Quichex.Stream.validate_active!(active)
-        active
-
-      :error ->
-        default
+    unless Schema.valid?({:or, [:boolean, {:in, [:once]}, :pos_integer]}, active) do
+      raise ArgumentError,
+            "invalid value for option :stream_opts: expected [active: true | false | :once | n], got: #{inspect(stream_opts, limit: 10)}"
     end
+
+    active
   end
 
   @doc """
   Waits until the handshake completes. Returns `:ok`, `{:error, reason}` when
-  the handshake failed, `{:error, :timeout}` or `{:error, :closed}`.
+  the handshake failed, `{:error, :timeout}` (after `timeout:`, default
+  5000 ms), `{:error, :closed}` or `{:error, :not_a_connection}`.
 
       :ok = Quichex.Connection.wait_connected(conn, timeout: 5_000)
   """
@@ -253,7 +271,7 @@ defmodule Quichex.Connection do
   `amplification_limited` (servers: times output was held back because the
   client's address was not validated yet and 3x what it sent had gone out),
   `paced_batches` (batches of packets held until quiche's pacer's time),
-  and more.
+  and more. Errors: #{@call_errors}.
 
       {:ok, %{rtt: rtt}} = Quichex.Connection.stats(conn)
   """
@@ -267,7 +285,7 @@ defmodule Quichex.Connection do
   `source_id`, `destination_id`, `peer_cert` (the peer's certificate, DER,
   or nil), `peer_cert_chain` (the chain it sent, leaf first, DER),
   `resumed`, `early_data`, `trace_id`, `max_send_udp_payload_size`, `gso`
-  (UDP GSO in use).
+  (UDP GSO in use). Errors: #{@call_errors}.
 
       {:ok, %{alpn: "echo"}} = Quichex.Connection.info(conn)
   """
@@ -275,7 +293,8 @@ defmodule Quichex.Connection do
   def info(conn, opts \\ []), do: call(conn, :info, timeout_opt(opts))
 
   @doc """
-  Whether the handshake has completed and the connection is open.
+  Whether the handshake has completed and the connection is open (`false`
+  for a pid that is not a connection).
 
       true = Quichex.Connection.is_established?(conn)
   """
@@ -283,7 +302,8 @@ defmodule Quichex.Connection do
   def is_established?(conn), do: state_of(conn) == :established
 
   @doc """
-  Whether the connection is draining (closing, CONNECTION_CLOSE sent or received).
+  Whether the connection is draining (closing, CONNECTION_CLOSE sent or
+  received; `false` for a pid that is not a connection).
 
       false = Quichex.Connection.is_draining?(conn)
   """
@@ -291,7 +311,8 @@ defmodule Quichex.Connection do
   def is_draining?(conn), do: state_of(conn) == :draining
 
   @doc """
-  Whether the connection is closed (its process is gone or about to exit).
+  Whether `conn` is no longer an open connection: closed, its process gone
+  or about to exit (also `true` for a pid that is not a connection).
 
       false = Quichex.Connection.is_closed?(conn)
   """
@@ -309,26 +330,30 @@ defmodule Quichex.Connection do
   Closes the connection: sends CONNECTION_CLOSE with an application
   `:error_code` (default 0) and `:reason` (default `""`), then drains in
   the background and exits. Returns `:ok`, also when the connection was
-  already closed.
+  already closed; `{:error, :not_a_connection}`, or `{:error, :timeout}`
+  when the connection did not take the close within `timeout:` (default
+  5000 ms; it closes once it gets to it).
 
       :ok = Quichex.Connection.close(conn, error_code: 0, reason: "done")
   """
-  @spec close(t(), keyword()) :: :ok
+  @spec close(t(), keyword()) :: :ok | {:error, :not_a_connection | :timeout}
   def close(conn, opts \\ []) do
-    opts = Keyword.validate!(opts, error_code: 0, reason: "", timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, error_code: 0, reason: "", timeout: 5_000)
     Schema.validate!(:error_code, :varint, opts[:error_code])
     Schema.validate!(:reason, :string, opts[:reason])
     Schema.validate!(:timeout, :timeout, opts[:timeout])
 
     case call(conn, {:close, opts[:error_code], opts[:reason]}, opts[:timeout]) do
-      _ -> :ok
+      {:error, reason} when reason in [:not_a_connection, :timeout] -> {:error, reason}
+      _closed -> :ok
     end
   end
 
   @doc """
   Makes `pid` the controlling process. Only the current controlling process
   may call it (`{:error, :not_owner}` otherwise); `pid` must be alive
-  (`{:error, :dead_owner}` otherwise, and nothing changes).
+  (`{:error, :dead_owner}` otherwise, and nothing changes; a pid on another
+  node must be on a connected node). Also #{@call_errors}.
 
       :ok = Quichex.Connection.controlling_process(conn, pid)
   """
@@ -350,6 +375,9 @@ defmodule Quichex.Connection do
       and for stream credit from the peer (`{:error, :stream_limit}` when
       none came).
 
+  Other errors: `{:error, %Quichex.TransportError{}}` when quiche refuses
+  to open the stream, #{@call_errors}.
+
       {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
   """
   @spec open_stream(t(), :bidirectional | :unidirectional, keyword()) ::
@@ -357,7 +385,7 @@ defmodule Quichex.Connection do
   def open_stream(conn, direction \\ :bidirectional, opts \\ [])
 
   def open_stream(conn, direction, opts) when direction in [:bidirectional, :unidirectional] do
-    opts = Keyword.validate!(opts, @open_defaults)
+    opts = Schema.validate_keyword!(opts, @open_defaults)
     if opts[:active] != nil, do: Quichex.Stream.validate_active!(opts[:active])
     {urgency, incremental} = Quichex.Stream.priority!(opts[:priority])
     timeout = opts[:timeout]
@@ -385,7 +413,7 @@ defmodule Quichex.Connection do
   @doc """
   The latest session ticket the server sent (clients): `{:ok, ticket}` or
   `{:error, :no_ticket}`. A ticket is an opaque binary: store it and pass
-  it as `:session` to `connect/1` to resume.
+  it as `:session` to `connect/1` to resume. Other errors: #{@call_errors}.
 
       {:ok, ticket} = Quichex.Connection.session(conn)
       {:ok, again} = Quichex.Connection.connect(host: "localhost", port: 4433, config: config, session: ticket)
@@ -404,8 +432,9 @@ defmodule Quichex.Connection do
   `:address_family`, a `Quichex.TransportError` with reason
   `{:socket, reason}` (the local address could not be bound), `:timeout`
   (the call's `:timeout`, default 5000 ms; a new path needs a spare
-  connection ID from the server, which is waited for within it). Path
-  events reach the owner as well. See the migration guide.
+  connection ID from the server, which is waited for within it),
+  `:closed`, `:not_a_connection`. Path events reach the owner as well.
+  See the migration guide.
 
       {:ok, path_id} = Quichex.Connection.migrate(conn, {{127, 0, 0, 1}, 0})
   """
@@ -417,7 +446,7 @@ defmodule Quichex.Connection do
   @doc """
   Validates the path from `local_address` to `peer_address` (a new UDP
   socket of ours, as for `migrate/3`) without moving to it: `{:ok, path_id}`
-  once the peer answered, `{:error, reason}` otherwise.
+  once the peer answered, `{:error, reason}` otherwise (as for `migrate/3`).
 
       {:ok, path_id} = Quichex.Connection.probe_path(conn, {{127, 0, 0, 1}, 0}, nil)
   """
@@ -454,6 +483,7 @@ defmodule Quichex.Connection do
   `min_rtt`, `rttvar` in µs, `cwnd`, `pmtu`, `delivery_rate`,
   `packets_lost`, `packets_retransmitted`, `packets_sent`,
   `packets_received`, `bytes_sent`, `bytes_received`, `bytes_lost`).
+  Errors: #{@call_errors}.
 
       {:ok, [%{id: 0, active: true}]} = Quichex.Connection.paths(conn)
   """
@@ -461,7 +491,8 @@ defmodule Quichex.Connection do
   def paths(conn, opts \\ []), do: call(conn, :paths, timeout_opt(opts))
 
   @doc """
-  The path the connection sends on: `{:ok, path}` (see `paths/2`).
+  The path the connection sends on: `{:ok, path}` (see `paths/2`), or
+  `{:error, :no_active_path}` and the errors of `paths/2`.
 
       {:ok, %{id: 0, peer: _peer}} = Quichex.Connection.active_path(conn)
   """
@@ -477,7 +508,7 @@ defmodule Quichex.Connection do
 
   @doc """
   The statistics of one path, by id or by `{local, peer}`: `{:ok, path}`
-  (see `paths/2`) or `{:error, :unknown_path}`.
+  (see `paths/2`) or `{:error, :unknown_path}` and the errors of `paths/2`.
 
       {:ok, %{rtt: rtt, cwnd: cwnd}} = Quichex.Connection.path_stats(conn, 0)
   """
@@ -497,7 +528,9 @@ defmodule Quichex.Connection do
   @doc """
   Rotates our connection ID: offers the peer a fresh one and asks it to
   retire the older ones, so its packets carry an ID not seen before
-  (RFC 9000 section 9.5). Returns `{:ok, cid}`, or `{:error, reason}`.
+  (RFC 9000 section 9.5). Returns `{:ok, cid}`, or `{:error, reason}`:
+  `%Quichex.TransportError{}` when quiche cannot (the peer's
+  `active_connection_id_limit`), #{@call_errors}.
 
       {:ok, _cid} = Quichex.Connection.rotate_cid(conn)
   """
@@ -517,7 +550,7 @@ defmodule Quichex.Connection do
     * `{:too_big, max}` - the payload exceeds what fits in one packet on
       the current path (`dgram_max_size/2`);
     * `:queue_full` - `dgram_send_queue_len` datagrams are already waiting;
-    * `:closed` / `:timeout`.
+    * `:closed` / `:timeout` / `:not_a_connection`.
 
   Called during the handshake, it waits until the handshake completes.
 
@@ -543,8 +576,8 @@ defmodule Quichex.Connection do
 
   @doc """
   The largest datagram payload `dgram_send/3` takes now: `{:ok, bytes}`, or
-  `{:error, :disabled | :not_negotiated | :closed}`. It depends on the
-  path's packet size, so it can change during the connection.
+  `{:error, :disabled | :not_negotiated}` and #{@call_errors}. It depends
+  on the path's packet size, so it can change during the connection.
 
       {:ok, max} = Quichex.Connection.dgram_max_size(conn)
   """
@@ -556,8 +589,9 @@ defmodule Quichex.Connection do
   `active: false`): `{:ok, data}`, or `{:error, :timeout}` when none arrived
   within `:timeout` ms (default 5000), `{:error, :active}` on an active
   connection (datagrams arrive as `{:quic_dgram, conn, data}` there),
-  `{:error, :closed}`. At most `dgram_recv_queue_len` datagrams wait; when
-  more arrive, the oldest are dropped (see `stats/2`).
+  `{:error, :closed}`, `{:error, :not_a_connection}`. At most
+  `dgram_recv_queue_len` datagrams wait; when more arrive, the oldest are
+  dropped (see `stats/2`).
 
       {:ok, data} = Quichex.Connection.dgram_recv(conn, timeout: 1_000)
   """
@@ -599,7 +633,7 @@ defmodule Quichex.Connection do
 
   @doc """
   The connection's streams that have data (or their end) waiting to be
-  received: `{:ok, [stream_pid]}`.
+  received: `{:ok, [stream_pid]}`. Errors: #{@call_errors}.
 
       {:ok, readable} = Quichex.Connection.readable_streams(conn)
   """
@@ -615,7 +649,7 @@ defmodule Quichex.Connection do
   @doc """
   The connection's streams that can take data now (their sending side is
   open, nothing is queued on them, and flow and congestion control leave
-  room): `{:ok, [stream_pid]}`.
+  room): `{:ok, [stream_pid]}`. Errors: #{@call_errors}.
 
       {:ok, writable} = Quichex.Connection.writable_streams(conn)
   """
@@ -623,26 +657,22 @@ defmodule Quichex.Connection do
   def writable_streams(conn, opts \\ []), do: call(conn, :writable_streams, timeout_opt(opts))
 
   defp timeout_opt(opts) do
-    opts = Keyword.validate!(opts, timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, timeout: 5_000)
     Schema.validate!(:timeout, :timeout, opts[:timeout])
     opts[:timeout]
   end
 
   @doc false
-  # A call that never hangs on a dead connection: exits become
-  # {:error, :closed}, a timeout becomes {:error, :timeout}. `grace` lets the
-  # connection answer a deadline it enforces itself before the call gives up.
+  # A call that never hangs on a dead connection nor harms a process that
+  # is not one (Quichex.Call): exits become {:error, :closed}, a timeout
+  # {:error, :timeout}, another kind of process {:error, :not_a_connection}.
+  # `timeout` is validated; `grace` lets the connection answer a deadline
+  # it enforces itself before the call gives up.
   def call(conn, request, timeout, grace \\ 0)
 
   def call(conn, request, timeout, grace) when is_pid(conn) do
     call_timeout = if timeout == :infinity, do: :infinity, else: timeout + grace
-
-    try do
-      :gen_statem.call(conn, request, call_timeout)
-    catch
-      :exit, {:timeout, _} -> {:error, :timeout}
-      :exit, _ -> {:error, :closed}
-    end
+    Quichex.Call.call(conn, request, call_timeout, :not_a_connection)
   end
 
   def call(conn, _request, _timeout, _grace) do
@@ -662,6 +692,10 @@ defmodule Quichex.Connection do
     do: resolve(Atom.to_string(host))
 
   defp resolve(host) when is_binary(host) and host != "" do
+    unless String.valid?(host) and not String.contains?(host, <<0>>) do
+      raise ArgumentError, "invalid value for option :host: #{inspect(host)}"
+    end
+
     charlist = String.to_charlist(host)
 
     with {:error, _} <- :inet.parse_address(charlist),
@@ -691,11 +725,12 @@ defmodule Quichex.Connection do
   defp server_name(nil, host), do: {:ok, sni(host)}
 
   defp server_name(name, _host) do
-    if name != "" and byte_size(name) <= 255 and not String.contains?(name, <<0>>) do
+    if name != "" and byte_size(name) <= 255 and String.valid?(name) and
+         not String.contains?(name, <<0>>) do
       {:ok, name}
     else
       raise ArgumentError,
-            "invalid value for option :server_name: expected a host name of 1..255 bytes, got: #{inspect(name)}"
+            "invalid value for option :server_name: expected a UTF-8 host name of 1..255 bytes, got: #{inspect(name)}"
     end
   end
 

@@ -45,7 +45,9 @@ defmodule Quichex.Handler do
     * `{:continue, state}` - keep going.
     * `{:continue, state, timeout}` - keep going; if no event arrives within
       `timeout` ms, `c:handle_timeout/2` runs, with the stream (in a stream
-      process) or the connection (in the connection process).
+      process) or the connection (in the connection process). `timeout` is
+      as everywhere in Quichex: #{Quichex.Config.Schema.timeout_doc()}.
+      Any other value is a bad return value, handled like a raise (below).
     * `{:close, state}` - finish normally. For a stream: FIN on the sending
       side if it is still open, STOP_SENDING (code 0) on the receiving side if
       the peer has not finished, then the process exits. For a connection:

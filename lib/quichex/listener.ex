@@ -148,8 +148,17 @@ defmodule Quichex.Listener do
 
   use Supervisor
 
+  alias Quichex.Call
   alias Quichex.Config.Schema
-  alias Quichex.Connection.CID
+  alias Quichex.Connection.{CID, UDP}
+  alias Quichex.Listener.Registry
+
+  @typedoc "A listener: the pid `start_link/1` returned."
+  @type t :: pid()
+
+  # The errors of every function that asks a listener something.
+  @errors "`{:error, :closed}` (the listener stopped), `{:error, :not_a_listener}` " <>
+            "(a live process that is not a listener, left alone)"
 
   @doc """
   A child spec, so a listener can live in your supervision tree:
@@ -158,9 +167,12 @@ defmodule Quichex.Listener do
 
   Under a supervisor, use `:handler`, or pass `:owner` in active mode: the
   default owner is the process that starts the listener, which is then the
-  supervisor.
+  supervisor. Options that are not a keyword list raise `ArgumentError`;
+  the rest are checked by `start_link/1`.
   """
   def child_spec(opts) do
+    Schema.keyword!(opts)
+
     %{
       id: {__MODULE__, Keyword.get(opts, :port, 0)},
       start: {__MODULE__, :start_link, [opts]},
@@ -170,9 +182,10 @@ defmodule Quichex.Listener do
 
   @doc """
   Starts a listener linked to the caller. Raises `ArgumentError` for bad
-  options; returns `{:error, reason}` when the socket cannot be opened or
-  the config's TLS files cannot be loaded (like any `start_link`, a caller
-  that does not trap exits also gets the exit signal of the failed start).
+  options; returns `{:error, reason}` when the port cannot be bound
+  (`%Quichex.TransportError{reason: {:socket, posix}}`, e.g. `:eaddrinuse`)
+  or the config's TLS files cannot be loaded (`%Quichex.TransportError{reason:
+  {:tls_file, option, path}}`). Nothing is started then, and nothing logged.
 
       {:ok, listener} = Quichex.Listener.start_link(port: 0, ip: {127, 0, 0, 1}, config: config)
   """
@@ -240,13 +253,33 @@ defmodule Quichex.Listener do
     no_early = Quichex.Config.put(config, :enable_early_data, false)
 
     with {:ok, native} <- Quichex.Config.build(config, :server),
-         {:ok, native_no_early} <- Quichex.Config.build(no_early, :server) do
-      opts = Map.merge(opts, %{native_config: native, native_config_no_early: native_no_early})
+         {:ok, native_no_early} <- Quichex.Config.build(no_early, :server),
+         {:ok, port} <- free_port(opts.ip, opts.port) do
+      opts
+      |> Map.merge(%{native_config: native, native_config_no_early: native_no_early, port: port})
+      |> start_supervisor()
+    end
+  end
 
-      case Supervisor.start_link(__MODULE__, opts) do
-        {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
-        other -> other
-      end
+  # The port is checked (and chosen, for port 0) by the caller with a plain
+  # bind: a port in use is then an {:error, _} for the caller instead of a
+  # failed start (a supervisor report, and an exit signal to the caller).
+  # Without SO_REUSEPORT, so that a port another listener (or program)
+  # holds is refused; the listener's own sockets then share it.
+  defp free_port(ip, port) do
+    with {:ok, probe, _caps} <- UDP.open(ip, port),
+         {:ok, {_ip, port}} <- UDP.sockname(probe) do
+      :socket.close(probe)
+      {:ok, port}
+    else
+      {:error, reason} -> {:error, Quichex.TransportError.new({:socket, reason})}
+    end
+  end
+
+  defp start_supervisor(opts) do
+    case Supervisor.start_link(__MODULE__, opts) do
+      {:error, {:shutdown, {:failed_to_start_child, _, reason}}} -> {:error, unwrap(reason)}
+      other -> other
     end
   end
 
@@ -301,25 +334,25 @@ defmodule Quichex.Listener do
   defp unwrap(reason), do: reason
 
   @doc """
-  The `{ip, port}` the listener's sockets are bound to.
+  The `{ip, port}` the listener's sockets are bound to: `{:ok, {ip, port}}`,
+  or #{@errors}.
 
       {:ok, {{127, 0, 0, 1}, port}} = Quichex.Listener.sockname(listener)
   """
-  @spec sockname(Supervisor.supervisor()) ::
-          {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
+  @spec sockname(t()) :: {:ok, {tuple(), :inet.port_number()}} | {:error, term()}
   def sockname(listener) do
-    case children(listener) do
-      %{shared: shared} ->
-        case Quichex.Listener.Registry.local(shared) do
-          nil -> {:error, :closed}
-          local -> {:ok, local}
-        end
+    with :ok <- check(listener) do
+      case children(listener) do
+        %{shared: shared} ->
+          case Registry.local(shared) do
+            nil -> {:error, :closed}
+            local -> {:ok, local}
+          end
 
-      _ ->
-        {:error, :closed}
+        _ ->
+          {:error, :closed}
+      end
     end
-  catch
-    :exit, _ -> {:error, :closed}
   end
 
   @doc """
@@ -332,12 +365,16 @@ defmodule Quichex.Listener do
   `retry_sent`, `retry_validated`, `invalid_token`, `stateless_resets`,
   `datagrams_received`; and `sockets`, the same per-socket counters (no
   `connections`, `pending_handshakes` or `routes`) for each socket, in
-  order.
+  order. Errors: #{@errors}.
 
       {:ok, %{connections: 0, sockets: [_ | _]}} = Quichex.Listener.stats(listener)
   """
-  @spec stats(Supervisor.supervisor()) :: {:ok, map()} | {:error, term()}
+  @spec stats(t()) :: {:ok, map()} | {:error, term()}
   def stats(listener) do
+    with :ok <- check(listener), do: stats_of(listener)
+  end
+
+  defp stats_of(listener) do
     case children(listener) do
       %{shared: shared, sockets: sockets} ->
         per_socket = Enum.map(sockets, &socket_stats/1)
@@ -349,8 +386,8 @@ defmodule Quichex.Listener do
 
         {:ok,
          Map.merge(totals, %{
-           connections: Quichex.Listener.Registry.connections(shared),
-           pending_handshakes: Quichex.Listener.Registry.pending(shared),
+           connections: Registry.connections(shared),
+           pending_handshakes: Registry.pending(shared),
            routes: :ets.info(shared.routes, :size),
            sockets: per_socket
          })}
@@ -364,36 +401,59 @@ defmodule Quichex.Listener do
 
   # A socket restarting right now counts as empty.
   defp socket_stats(pid) do
-    case GenServer.call(pid, :stats) do
+    case Call.call(pid, {:quichex_listener, :stats}, 5_000, :not_a_listener) do
       {:ok, stats} -> stats
       _ -> %{}
     end
-  catch
-    :exit, _ -> %{}
-  end
-
-  @doc "Stops the listener and every connection it accepted."
-  @spec stop(Supervisor.supervisor(), timeout()) :: :ok
-  def stop(listener, timeout \\ 5_000) do
-    Supervisor.stop(listener, :normal, timeout)
-  catch
-    :exit, _ -> :ok
   end
 
   @doc """
-  The live connections the listener accepted: `{:ok, [conn_pid]}`.
+  Stops the listener and every connection it accepted, waiting up to
+  `timeout` (#{Schema.timeout_doc()}; default 5000; anything else raises
+  `ArgumentError`).
+
+  Returns `:ok`, also when the listener had already stopped;
+  `{:error, :not_a_listener}` for a live process that is not a listener
+  (which is left running), or `{:error, :timeout}` when the listener has
+  not finished stopping within `timeout` (it goes on stopping).
+
+      :ok = Quichex.Listener.stop(listener)
+  """
+  @spec stop(t(), timeout()) :: :ok | {:error, :not_a_listener | :timeout}
+  def stop(listener, timeout \\ 5_000) do
+    Schema.validate!(:timeout, :timeout, timeout)
+
+    case check(listener) do
+      :ok -> stop_supervisor(listener, timeout)
+      {:error, :closed} -> :ok
+      error -> error
+    end
+  end
+
+  defp stop_supervisor(listener, timeout) do
+    Supervisor.stop(listener, :normal, timeout)
+  catch
+    :exit, :timeout -> {:error, :timeout}
+    :exit, _gone -> :ok
+  end
+
+  @doc """
+  The live connections the listener accepted: `{:ok, [conn_pid]}`, or
+  #{@errors}.
 
       {:ok, conns} = Quichex.Listener.connections(listener)
   """
-  @spec connections(Supervisor.supervisor()) :: {:ok, [pid()]} | {:error, term()}
+  @spec connections(t()) :: {:ok, [pid()]} | {:error, term()}
   def connections(listener) do
-    case children(listener) do
-      %{connections: sup} when is_pid(sup) ->
-        pids = for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid), do: pid
-        {:ok, pids}
+    with :ok <- check(listener) do
+      case children(listener) do
+        %{connections: sup} when is_pid(sup) ->
+          pids = for {_, pid, _, _} <- DynamicSupervisor.which_children(sup), is_pid(pid), do: pid
+          {:ok, pids}
 
-      _ ->
-        {:error, :closed}
+        _ ->
+          {:error, :closed}
+      end
     end
   catch
     :exit, _ -> {:error, :closed}
@@ -402,7 +462,14 @@ defmodule Quichex.Listener do
   @doc false
   # The listener's processes: `registry`, `sockets` (socket pids in index
   # order), `socket` (the first), `connections` (the DynamicSupervisor).
-  def children(listener) do
+  # (`%{}` for anything but a live listener).
+  def children(listener) when is_pid(listener) do
+    if Call.kind(listener) == :listener, do: children!(listener), else: %{}
+  catch
+    :exit, _ -> %{}
+  end
+
+  defp children!(listener) do
     top = Map.new(Supervisor.which_children(listener), fn {id, pid, _, _} -> {id, pid} end)
 
     sockets =
@@ -420,7 +487,7 @@ defmodule Quichex.Listener do
 
     shared =
       case top do
-        %{registry: registry} when is_pid(registry) -> Quichex.Listener.Registry.shared(registry)
+        %{registry: registry} when is_pid(registry) -> Registry.shared(registry)
         _ -> nil
       end
 
@@ -429,11 +496,24 @@ defmodule Quichex.Listener do
     |> then(fn map -> if shared, do: Map.put(map, :shared, shared), else: map end)
   end
 
+  # Only a listener's own supervisor is a listener; any other call on it
+  # could crash it (Quichex.Call).
+  defp check(listener) when is_pid(listener) do
+    cond do
+      Call.kind(listener) == :listener -> :ok
+      Call.alive?(listener) -> {:error, :not_a_listener}
+      true -> {:error, :closed}
+    end
+  end
+
+  defp check(other), do: raise(ArgumentError, "expected a listener pid, got: #{inspect(other)}")
+
   @impl Supervisor
   def init(opts) do
+    :ok = Call.register(:listener)
     # The shared tables belong to this process: they live exactly as long
     # as the listener.
-    opts = Map.merge(opts, %{listener: self(), shared: Quichex.Listener.Registry.new_shared()})
+    opts = Map.merge(opts, %{listener: self(), shared: Registry.new_shared()})
 
     sockets =
       for index <- 0..(opts.sockets - 1) do
@@ -444,21 +524,17 @@ defmodule Quichex.Listener do
       end
 
     children = [
-      %{id: :registry, start: {Quichex.Listener.Registry, :start_link, [opts]}},
+      %{id: :registry, start: {Registry, :start_link, [opts]}},
       # Each socket process restarts on its own: the port, the routes and the
       # counters are in the shared tables.
       %{
         id: :sockets,
-        start:
-          {Supervisor, :start_link,
-           [sockets, [strategy: :one_for_one, max_restarts: 10, max_seconds: 10]]},
+        start: {Quichex.Listener.Sockets, :start_link, [sockets]},
         type: :supervisor
       },
       %{
         id: :connections,
-        start:
-          {DynamicSupervisor, :start_link,
-           [[strategy: :one_for_one, max_children: opts.max_connections]]},
+        start: {Quichex.Listener.Connections, :start_link, [opts.max_connections]},
         type: :supervisor
       }
     ]

@@ -93,6 +93,17 @@ defmodule Quichex.Stream do
   returns `{:error, reason}` saying why. After `{:error, :timeout}` a prefix
   of the data may have been sent; the stream stays usable.
 
+  ## Arguments and errors
+
+  Every function takes the stream's pid. Given anything else it raises
+  `ArgumentError`, as it does for a bad option (naming the option). Given
+  a pid that is not a stream (a connection, a listener, the caller itself)
+  it returns `{:error, :not_a_stream}` and the process is left alone; given
+  a stream that has ended, `{:error, :closed}`.
+
+  A `:timeout` is #{Quichex.Config.Schema.timeout_doc()}; anything else
+  raises `ArgumentError`.
+
   ## Owner exit
 
   When the owner exits, what is still open is aborted with error code
@@ -132,6 +143,8 @@ defmodule Quichex.Stream do
   @type active :: boolean() | :once | pos_integer()
 
   @default_urgency 3
+  # What a call waits beyond a timeout the stream enforces itself.
+  @grace 1_000
 
   ## Public API
 
@@ -146,13 +159,18 @@ defmodule Quichex.Stream do
 
   @doc """
   Sends `data` (iodata). Options: `fin: true` finishes the stream after it,
-  `timeout:` milliseconds (default 5000) to wait for flow control.
+  `timeout:` how long to wait for flow control (default 5000 ms).
+
+  Returns `:ok` once quiche took every byte (and the FIN), or
+  `{:error, reason}`: `:finished` (our FIN was sent), `{:stopped, code}`
+  (the peer's STOP_SENDING), `:closed` (the sending side was reset, the
+  stream cannot send, or it ended), `:timeout`, `:not_a_stream`.
 
       :ok = Quichex.Stream.send(stream, ["hello", " ", "world"], fin: false, timeout: 5_000)
   """
   @spec send(t(), iodata(), keyword()) :: :ok | {:error, term()}
   def send(stream, data, opts \\ []) do
-    opts = Keyword.validate!(opts, fin: false, timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, fin: false, timeout: 5_000)
     Schema.validate!(:fin, :boolean, opts[:fin])
     Schema.validate!(:timeout, :timeout, opts[:timeout])
     bin = iodata!(data)
@@ -164,7 +182,7 @@ defmodule Quichex.Stream do
           conn,
           {:stream_send, id, bin, opts[:fin], opts[:timeout]},
           opts[:timeout],
-          1_000
+          @grace
         )
 
       nil ->
@@ -183,13 +201,14 @@ defmodule Quichex.Stream do
 
   @doc """
   Finishes the sending side: sends FIN after all data before it, in the
-  same driver pass. Returns `:ok` once quiche took the FIN.
+  same driver pass. Returns `:ok` once quiche took the FIN, or the errors
+  of `send/3`. Option: `timeout:` (default 5000 ms).
 
       :ok = Quichex.Stream.close(stream)
   """
   @spec close(t(), keyword()) :: :ok | {:error, term()}
   def close(stream, opts \\ []) do
-    opts = Keyword.validate!(opts, timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, timeout: 5_000)
     send(stream, "", fin: true, timeout: opts[:timeout])
   end
 
@@ -201,14 +220,15 @@ defmodule Quichex.Stream do
 
   Returns `{:ok, data, fin?}` where `fin?` means the peer finished the stream
   after `data`; `{:error, {:reset, code}}`, `{:error, :closed}`,
-  `{:error, :timeout}`, `{:error, :busy}` (another recv/2 is waiting) or
-  `{:error, :active}` (the stream is in an active mode).
+  `{:error, :timeout}` (after `timeout:`, default 5000 ms), `{:error, :busy}`
+  (another recv/2 is waiting), `{:error, :active}` (the stream is in an
+  active mode) or `{:error, :not_a_stream}`.
 
       {:ok, data, false} = Quichex.Stream.recv(stream, length: 0, timeout: 5_000)
   """
   @spec recv(t(), keyword()) :: {:ok, binary(), boolean()} | {:error, term()}
   def recv(stream, opts \\ []) do
-    opts = Keyword.validate!(opts, length: 0, timeout: 5_000)
+    opts = Schema.validate_keyword!(opts, length: 0, timeout: 5_000)
     Schema.validate!(:length, :non_neg_integer, opts[:length])
     Schema.validate!(:timeout, :timeout, opts[:timeout])
 
@@ -219,33 +239,30 @@ defmodule Quichex.Stream do
   end
 
   @doc """
-  Sets options. Only `:active` (`true | false | :once | n`).
-  `{:error, :handler}` for a stream a `Quichex.Handler` serves.
+  Sets options. Only `:active` (`true | false | :once | n`); without it
+  nothing changes. Returns `:ok`, or `{:error, :handler}` for a stream a
+  `Quichex.Handler` serves, `{:error, :closed}`, `{:error, :not_a_stream}`.
 
       :ok = Quichex.Stream.setopts(stream, active: :once)
   """
   @spec setopts(t(), keyword()) :: :ok | {:error, term()}
   def setopts(stream, opts) do
-    opts = Keyword.validate!(opts, [:active])
+    opts = Schema.validate_keyword!(opts, [:active])
+    active = Keyword.get(opts, :active)
+    if active != nil, do: validate_active!(active)
 
-    case Keyword.fetch(opts, :active) do
-      {:ok, active} ->
-        validate_active!(active)
-
-        case own(stream) do
-          nil -> call(stream, {:setopts, active}, 5_000)
-          _handler -> {:error, :handler}
-        end
-
-      :error ->
-        :ok
+    case own(stream) do
+      nil -> call(stream, {:setopts, active}, 5_000)
+      _handler when active == nil -> :ok
+      _handler -> {:error, :handler}
     end
   end
 
   @doc """
   Aborts one or both directions with an application `error_code`:
   `:read` sends STOP_SENDING, `:write` sends RESET_STREAM, `:both` both.
-  Directions already finished are left alone.
+  Directions already finished are left alone. Returns `:ok`,
+  `{:error, :closed}` or `{:error, :not_a_stream}`.
 
       :ok = Quichex.Stream.shutdown(stream, :write, error_code: 42)
   """
@@ -253,7 +270,7 @@ defmodule Quichex.Stream do
   def shutdown(stream, how, opts \\ [])
 
   def shutdown(stream, how, opts) when how in [:read, :write, :both] do
-    opts = Keyword.validate!(opts, error_code: 0)
+    opts = Schema.validate_keyword!(opts, error_code: 0)
     code = opts[:error_code]
     Schema.validate!(:error_code, :varint, code)
 
@@ -278,7 +295,8 @@ defmodule Quichex.Stream do
   Sets the stream's priority (RFC 9218): `urgency` 0..7 (lower is sent
   first; default #{@default_urgency}) and `incremental` (default `true`:
   streams of equal urgency share the connection; `false` sends them one
-  after the other).
+  after the other). Returns `:ok`, `{:error, :closed}` or
+  `{:error, :not_a_stream}`.
 
       :ok = Quichex.Stream.set_priority(stream, urgency: 0, incremental: false)
   """
@@ -298,9 +316,10 @@ defmodule Quichex.Stream do
 
   @doc """
   Makes `pid` the owner. Only the current owner may call it
-  (`{:error, :not_owner}`); `pid` must be alive (`{:error, :dead_owner}`).
+  (`{:error, :not_owner}`); `pid` must be alive (`{:error, :dead_owner}`,
+  and nothing changes; a pid on another node must be on a connected node).
   A handler may hand its stream to another process this way; the handler's
-  callbacks then stop.
+  callbacks then stop. Also `{:error, :closed}`, `{:error, :not_a_stream}`.
 
       :ok = Quichex.Stream.controlling_process(stream, pid)
   """
@@ -308,7 +327,7 @@ defmodule Quichex.Stream do
   def controlling_process(stream, pid) when is_pid(pid) do
     case own(stream) do
       {_conn, _id} ->
-        if Process.alive?(pid) do
+        if Quichex.Call.alive?(pid) do
           Kernel.send(self(), {:quichex_self, {:controlling_process, pid}})
           :ok
         else
@@ -321,7 +340,9 @@ defmodule Quichex.Stream do
   end
 
   @doc """
-  Returns `%{id: id, direction: dir, initiator: :local | :remote, connection: conn, owner: pid}`.
+  Returns `{:ok, %{id: id, direction: dir, initiator: :local | :remote,
+  connection: conn, owner: pid}}`, `{:error, :closed}` or
+  `{:error, :not_a_stream}` (for a connection, say).
 
       {:ok, %{id: 0, direction: :bidirectional}} = Quichex.Stream.info(stream)
   """
@@ -357,7 +378,7 @@ defmodule Quichex.Stream do
   @doc false
   # `[urgency: 0..7, incremental: boolean]` to `{urgency, incremental}`.
   def priority!(opts) do
-    opts = Keyword.validate!(opts, urgency: @default_urgency, incremental: true)
+    opts = Schema.validate_keyword!(opts, urgency: @default_urgency, incremental: true)
     Schema.validate!(:urgency, {:integer, 0, 7}, opts[:urgency])
     Schema.validate!(:incremental, :boolean, opts[:incremental])
     {opts[:urgency], opts[:incremental]}
@@ -377,16 +398,12 @@ defmodule Quichex.Stream do
   defp own(stream),
     do: raise(ArgumentError, "expected a stream pid, got: #{inspect(stream)}")
 
-  # Calls never hang on a dead stream. The stream enforces `timeout` itself
-  # and answers; the extra second only covers a stream that cannot answer.
+  # Calls never hang on a dead stream nor harm a process that is not one
+  # (Quichex.Call); stream requests are tagged so that no other kind of
+  # process takes them for its own. The stream enforces `timeout` itself and
+  # answers; the extra second only covers a stream that cannot answer.
   defp call(stream, request, timeout) do
-    call_timeout = if timeout == :infinity, do: :infinity, else: timeout + 1_000
-
-    try do
-      GenServer.call(stream, request, call_timeout)
-    catch
-      :exit, {:timeout, _} -> {:error, :timeout}
-      :exit, _ -> {:error, :closed}
-    end
+    call_timeout = if timeout == :infinity, do: :infinity, else: timeout + @grace
+    Quichex.Call.call(stream, {:quichex_stream, request}, call_timeout, :not_a_stream)
   end
 end

@@ -18,6 +18,13 @@ defmodule Quichex.Config.Schema do
   def max_timeout, do: @max_timeout
 
   @doc false
+  # What every `:timeout` option takes: the one place its limit is told.
+  def timeout_doc do
+    "an integer of milliseconds from 0 to #{@max_timeout} (about 49.7 days: Erlang " <>
+      "timers take at most 2^32 - 1 ms) or `:infinity`"
+  end
+
+  @doc false
   def validate!(key, type, value) do
     unless valid?(type, value) do
       raise ArgumentError,
@@ -28,15 +35,27 @@ defmodule Quichex.Config.Schema do
   end
 
   @doc false
+  # Keyword.validate!/2, raising ArgumentError (not FunctionClauseError) for
+  # something that is not a keyword list at all.
+  def validate_keyword!(opts, spec), do: opts |> keyword!() |> Keyword.validate!(spec)
+
+  @doc false
+  # `opts` if it is a keyword list; raises ArgumentError otherwise.
+  def keyword!(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError,
+            "expected a keyword list of options, got: #{inspect(opts, limit: 10, printable_limit: 80)}"
+    end
+
+    opts
+  end
+
+  @doc false
   # Validates a keyword list against `[{key, [type: t, default: d]}]`:
   # unknown keys and bad values raise ArgumentError; returns a map with
   # defaults filled in.
   def validate_opts!(opts, schema) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "expected a keyword list of options, got: #{inspect(opts)}"
-    end
-
-    opts = Keyword.validate!(opts, Enum.map(schema, fn {k, spec} -> {k, spec[:default]} end))
+    opts = validate_keyword!(opts, Enum.map(schema, fn {k, spec} -> {k, spec[:default]} end))
 
     for {key, spec} <- schema, into: %{} do
       value = Keyword.fetch!(opts, key)

@@ -10,6 +10,8 @@ defmodule Quichex.Connection.Requests do
   alias Quichex.Connection.WriteQueue.Write
   alias Quichex.Stream.Server, as: StreamServer
 
+  @max_credit 0xFFFF_FFFF_FFFF_FFFF
+
   ## Stream processes
 
   @doc "Starts the process of a stream the peer opened."
@@ -142,8 +144,11 @@ defmodule Quichex.Connection.Requests do
     end
   end
 
+  # Credit saturates at what the NIF takes (a u64, added saturating there
+  # too): a recv/2 may wait for any length.
   def stream_message(%State{} = data, {:credit, id, bytes}) when bytes > 0 do
-    %{data | credits: Map.update(data.credits, id, bytes, &(&1 + bytes))}
+    credit = min(Map.get(data.credits, id, 0) + bytes, @max_credit)
+    %{data | credits: Map.put(data.credits, id, credit)}
   end
 
   def stream_message(%State{} = data, {:shutdown, id, directions, code}) do

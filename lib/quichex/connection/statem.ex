@@ -35,6 +35,7 @@ defmodule Quichex.Connection.Statem do
   alias Quichex.Connection.{Streams, Transitions, UDP}
 
   @drain_cap_ms 3_000
+  @max_timer_ms Quichex.Config.Schema.max_timeout()
 
   ## Callbacks
 
@@ -314,7 +315,7 @@ defmodule Quichex.Connection.Statem do
       data.owner != nil and caller != data.owner ->
         {:keep_state_and_data, {:reply, from, {:error, :not_owner}}}
 
-      not Process.alive?(pid) ->
+      not Quichex.Call.alive?(pid) ->
         {:keep_state_and_data, {:reply, from, {:error, :dead_owner}}}
 
       true ->
@@ -325,8 +326,10 @@ defmodule Quichex.Connection.Statem do
     end
   end
 
+  # A call meant for another kind of process (a Quichex.Stream function
+  # given a connection): answered, and nothing changes.
   defp common(_state, {:call, from}, _unknown, _data),
-    do: {:keep_state_and_data, {:reply, from, {:error, :badarg}}}
+    do: {:keep_state_and_data, {:reply, from, Quichex.Call.unknown_call()}}
 
   defp common(_state, _type, _content, _data), do: :keep_state_and_data
 
@@ -363,7 +366,7 @@ defmodule Quichex.Connection.Statem do
     actions = status.actions ++ actions
 
     {data, out} = Driver.flush(data)
-    timer = {{:timeout, :quic}, out.timeout || :infinity, :fire}
+    timer = {{:timeout, :quic}, quic_timeout(out.timeout), :fire}
     pace = {{:timeout, :pace}, out.pace || :infinity, :fire}
 
     # What the peer takes is known from the first flush after the handshake:
@@ -384,6 +387,12 @@ defmodule Quichex.Connection.Statem do
         {:next_state, state, data, [timer, pace | actions]}
     end
   end
+
+  # quiche's next timer, within what an Erlang timer takes (a huge
+  # max_idle_timeout could exceed it): a timer that fires early only makes
+  # quiche find nothing due.
+  defp quic_timeout(nil), do: :infinity
+  defp quic_timeout(ms), do: min(ms, @max_timer_ms)
 
   defp maybe_established(:handshaking, data, %{established: true} = poll) do
     case Transitions.refusal(data) do

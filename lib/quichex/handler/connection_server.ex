@@ -9,6 +9,9 @@ defmodule Quichex.Handler.ConnectionServer do
 
   alias Quichex.{Connection, Handler}
 
+  # A GenServer timeout takes no more.
+  @max_timeout Quichex.Config.Schema.max_timeout()
+
   @doc false
   # Started (not linked by start/3: the connection is not our parent, so its
   # exit reaches handle_info/2) and then linked from init/1.
@@ -23,6 +26,11 @@ defmodule Quichex.Handler.ConnectionServer do
     Process.link(conn)
     {:ok, %{module: module, state: options, conn: conn}}
   end
+
+  # Calls are not part of a handler's life: a Connection or Stream function
+  # given this pid gets an error, and the handler carries on.
+  @impl GenServer
+  def handle_call(_request, _from, state), do: {:reply, Quichex.Call.unknown_call(), state}
 
   @impl GenServer
   def handle_info({:quic_connected, conn}, %{conn: conn} = state) do
@@ -76,7 +84,9 @@ defmodule Quichex.Handler.ConnectionServer do
 
   defp result({:continue, user}, state), do: {:noreply, %{state | state: user}}
 
-  defp result({:continue, user, timeout}, state), do: {:noreply, %{state | state: user}, timeout}
+  defp result({:continue, user, timeout}, state)
+       when timeout == :infinity or (is_integer(timeout) and timeout in 0..@max_timeout),
+       do: {:noreply, %{state | state: user}, timeout}
 
   defp result({:close, user}, state) do
     Connection.close(state.conn, error_code: 0, reason: "")

@@ -98,9 +98,17 @@ defmodule Quichex.Listener.Socket do
   def handle_continue(:read, state), do: {:noreply, read(state)}
 
   @impl GenServer
-  def handle_call(:sockname, _from, state), do: {:reply, {:ok, state.local}, state}
-  def handle_call(:stats, _from, state), do: {:reply, {:ok, state.stats}, state}
-  def handle_call(_request, _from, state), do: {:reply, {:error, :unknown_call}, state}
+  # Listener requests are tagged, so that no other kind of process takes
+  # them for its own (Quichex.Call).
+  def handle_call({:quichex_listener, :sockname}, _from, state),
+    do: {:reply, {:ok, state.local}, state}
+
+  def handle_call({:quichex_listener, :stats}, _from, state),
+    do: {:reply, {:ok, state.stats}, state}
+
+  # A call meant for another kind of process (a Connection or Stream
+  # function given this pid): answered, and nothing changes.
+  def handle_call(_request, _from, state), do: {:reply, Quichex.Call.unknown_call(), state}
 
   @impl GenServer
   def handle_info({:"$socket", socket, :select, _}, %{socket: socket} = state) do

@@ -16,6 +16,9 @@ defmodule Quichex.Stream.HandlerRunner do
 
   defstruct [:module, :state, timeout: :infinity]
 
+  # The `after` of the stream's receive loop takes no more.
+  @max_timeout Quichex.Config.Schema.max_timeout()
+
   @type t :: %__MODULE__{module: module(), state: term(), timeout: timeout()}
 
   def open(stream, module, options) do
@@ -68,7 +71,7 @@ defmodule Quichex.Stream.HandlerRunner do
   defp result(stream, {:continue, user}), do: {:cont, put(stream, user, :infinity)}
 
   defp result(stream, {:continue, user, timeout})
-       when timeout == :infinity or (is_integer(timeout) and timeout >= 0) do
+       when timeout == :infinity or (is_integer(timeout) and timeout in 0..@max_timeout) do
     {:cont, put(stream, user, timeout)}
   end
 

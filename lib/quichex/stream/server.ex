@@ -18,7 +18,7 @@ defmodule Quichex.Stream.Server do
   # finished (our FIN accepted, stopped by the peer, or reset). Until then
   # every function answers; afterwards they answer `{:error, :closed}`.
 
-  alias Quichex.Telemetry
+  alias Quichex.{Call, Telemetry}
   alias Quichex.Stream.{HandlerRunner, Receiver}
 
   @owner_down_code 0x0101
@@ -133,7 +133,16 @@ defmodule Quichex.Stream.Server do
 
   ## Messages
 
-  defp handle(state, {:"$gen_call", from, request}), do: call(request, from, state)
+  defp handle(state, {:"$gen_call", {pid, _} = from, {:quichex_stream, request}})
+       when is_pid(pid),
+       do: call(request, from, state)
+
+  # A call meant for another kind of process (a Quichex.Connection function
+  # given a stream): answered, not taken for a stream request.
+  defp handle(state, {:"$gen_call", {pid, _} = from, _request}) when is_pid(pid) do
+    reply(from, Call.unknown_call())
+    {:cont, state}
+  end
 
   defp handle(state, {:quic_data, bin, fin}), do: Receiver.data(state, bin, fin)
   defp handle(state, {:quic_reset, code}), do: Receiver.reset(state, code)
@@ -196,6 +205,12 @@ defmodule Quichex.Stream.Server do
   defp call({:recv, length, timeout}, from, state),
     do: Receiver.recv(state, from, length, timeout)
 
+  # `active` nil: no option given, nothing changes.
+  defp call({:setopts, nil}, from, state) do
+    reply(from, :ok)
+    {:cont, state}
+  end
+
   defp call({:setopts, active}, from, state) do
     case state.handler do
       nil ->
@@ -220,7 +235,7 @@ defmodule Quichex.Stream.Server do
         reply(from, {:error, :not_owner})
         {:cont, state}
 
-      not Process.alive?(pid) ->
+      not Call.alive?(pid) ->
         reply(from, {:error, :dead_owner})
         {:cont, state}
 
@@ -248,7 +263,7 @@ defmodule Quichex.Stream.Server do
   end
 
   defp call(_unknown, from, state) do
-    reply(from, {:error, :badarg})
+    reply(from, Call.unknown_call())
     {:cont, state}
   end
 
