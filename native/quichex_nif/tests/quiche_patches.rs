@@ -26,6 +26,11 @@
 //! - Patch F (no upstream issue): a path left behind is released when a new
 //!   path needs room. Test `m_*` loses the client after its second NAT
 //!   rebinding on unpatched quiche.
+//! - Patch G (related to cloudflare/quiche#1833): a late packet for a
+//!   just-retired connection ID is dropped. Test `n_*` closes the connection
+//!   on unpatched quiche.
+//! - Patch H (no upstream issue): path validation has a timer of its own.
+//!   Test `o_*` never validates (nor fails) the path on unpatched quiche.
 //!
 //! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
 //! too; they guard behaviour the patches must keep.
@@ -129,6 +134,14 @@ struct Pipe {
 impl Pipe {
     /// Creates both endpoints and completes the handshake.
     fn new(server_max_streams_bidi: u64) -> Pipe {
+        Pipe::with_configs(
+            &mut config(false, 10),
+            &mut config(true, server_max_streams_bidi),
+        )
+    }
+
+    /// Same, with the given configs.
+    fn with_configs(client_config: &mut Config, server_config: &mut Config) -> Pipe {
         let client_scid = ConnectionId::from_ref(&[0xc1; 16]);
         let server_scid = ConnectionId::from_ref(&[0x5e; 16]);
 
@@ -137,7 +150,7 @@ impl Pipe {
             &client_scid,
             client_addr(),
             server_addr(),
-            &mut config(false, 10),
+            client_config,
         )
         .unwrap();
 
@@ -146,7 +159,7 @@ impl Pipe {
             None,
             server_addr(),
             client_addr(),
-            &mut config(true, server_max_streams_bidi),
+            server_config,
         )
         .unwrap();
 
@@ -953,4 +966,154 @@ fn m_repeated_nat_rebindings_keep_the_connection() {
         assert_eq!(active.len(), 1);
         assert_eq!(active[0].peer_addr, nat, "round {round}");
     }
+}
+
+/// Both sides give the other a spare connection ID (sequence 1).
+fn spare_cids(pipe: &mut Pipe) {
+    let cid = ConnectionId::from_ref(&[0x5f; 16]);
+    pipe.server.new_scid(&cid, 0x1234, false).unwrap();
+    let cid = ConnectionId::from_ref(&[0xc2; 16]);
+    pipe.client.new_scid(&cid, 0x5678, false).unwrap();
+    pipe.advance();
+}
+
+/// A pipe whose client may migrate (the other tests' configs forbid it).
+fn migration_pipe() -> Pipe {
+    let mut client = config(false, 10);
+    let mut server = config(true, 10);
+    client.set_disable_active_migration(false);
+    server.set_disable_active_migration(false);
+    Pipe::with_configs(&mut client, &mut server)
+}
+
+/// (n) A packet still carrying a connection ID of the server's that the
+/// client has just retired arrives after the client's RETIRE_CONNECTION_ID
+/// (reordering). The server drops it; its data comes again. Unpatched quiche
+/// 0.30.0 fails `recv()` with `InvalidState` and closes the connection with
+/// PROTOCOL_VIOLATION.
+#[test]
+fn n_packet_with_a_just_retired_cid_is_dropped_not_fatal() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+    spare_cids(&mut pipe);
+
+    // P: stream data, still to the server's CID 0.
+    assert_eq!(pipe.client.stream_send(CLIENT_BIDI_0, b"late", true), Ok(4));
+    let p = pipe.client_flush();
+    assert!(!p.is_empty());
+
+    // Q: the client moves to CID 1 and retires CID 0; Q arrives first.
+    pipe.client.retire_dcid(0).unwrap();
+    let q = pipe.client_flush();
+    pipe.deliver_to_server(&q);
+
+    let mut pkt = p[0].clone();
+    let r = pipe.server.recv(
+        &mut pkt,
+        RecvInfo {
+            from: client_addr(),
+            to: server_addr(),
+        },
+    );
+    assert!(r.is_ok(), "recv of the late packet: {r:?}");
+    assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
+
+    // The data is retransmitted once its loss is detected.
+    pipe.client_detect_loss();
+    pipe.advance();
+    received.read(&mut pipe.server, CLIENT_BIDI_0);
+    assert_eq!(received.data, b"late");
+    assert!(received.fin);
+}
+
+/// (o) A client probes a new path. The server acknowledges the packet that
+/// carried the PATH_CHALLENGE (on the old path) but its PATH_RESPONSE is
+/// lost. The client challenges again and, once a response gets through,
+/// validates the path. Unpatched quiche 0.30.0 never sends another
+/// challenge and never fails the path: it stays "validating" for good.
+#[test]
+fn o_path_challenge_is_retried_when_its_response_is_lost() {
+    let mut pipe = migration_pipe();
+    spare_cids(&mut pipe);
+    let new_addr: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+
+    pipe.client.probe_path(new_addr, server_addr()).unwrap();
+    let probe = pipe.client_flush();
+    deliver(&mut pipe.server, &probe, new_addr, server_addr());
+
+    // Everything the server sends to the new address (the PATH_RESPONSE) is
+    // lost; the rest (its ACK of the probe, on the old path) arrives.
+    let mut buf = [0; MAX_DATAGRAM_SIZE];
+    let mut lost = 0;
+    pipe.server.send_ack_eliciting().unwrap();
+    loop {
+        match pipe.server.send(&mut buf) {
+            Ok((_, info)) if info.to == new_addr => lost += 1,
+            Ok((len, info)) => deliver(
+                &mut pipe.client,
+                &[buf[..len].to_vec()],
+                server_addr(),
+                info.to,
+            ),
+            Err(quiche::Error::Done) => break,
+            Err(e) => panic!("send failed: {e:?}"),
+        }
+    }
+    assert!(lost >= 1);
+    let c = pipe.client_flush();
+    pipe.deliver_to_server(&c);
+
+    // The client's timers fire (a few tens of milliseconds each, after the
+    // handshake's RTT samples); from now on everything gets through.
+    let started = std::time::Instant::now();
+    let mut probes = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        let validated = pipe.client.path_stats().any(|p| {
+            p.local_addr == new_addr && format!("{:?}", p.validation_state) == "Validated"
+        });
+        if validated {
+            break;
+        }
+        if let Some(wait) = pipe.client.timeout() {
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
+        pipe.client.on_timeout();
+        loop {
+            match pipe.client.send(&mut buf) {
+                Ok((len, info)) => {
+                    if info.from == new_addr {
+                        probes += 1;
+                    }
+                    deliver(
+                        &mut pipe.server,
+                        &[buf[..len].to_vec()],
+                        info.from,
+                        server_addr(),
+                    );
+                }
+                Err(quiche::Error::Done) => break,
+                Err(e) => panic!("send failed: {e:?}"),
+            }
+        }
+        loop {
+            match pipe.server.send(&mut buf) {
+                Ok((len, info)) => deliver(
+                    &mut pipe.client,
+                    &[buf[..len].to_vec()],
+                    server_addr(),
+                    info.to,
+                ),
+                Err(quiche::Error::Done) => break,
+                Err(e) => panic!("send failed: {e:?}"),
+            }
+        }
+    }
+
+    assert!(probes >= 1, "the client never challenged again");
+    let path = pipe
+        .client
+        .path_stats()
+        .find(|p| p.local_addr == new_addr)
+        .unwrap();
+    assert_eq!(format!("{:?}", path.validation_state), "Validated");
 }

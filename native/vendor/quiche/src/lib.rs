@@ -7130,10 +7130,14 @@ impl<F: BufFactory> Connection<F> {
             // detection timers. If they are both unset (i.e. `None`) then the
             // result is `None`, but if at least one of them is set then a
             // `Some(...)` value is returned.
+            // quichex patch H: path validation has a timer of its own.
             let path_timer = self
                 .paths
                 .iter()
-                .filter_map(|(_, p)| p.recovery.loss_detection_timer())
+                .flat_map(|(_, p)| {
+                    [p.recovery.loss_detection_timer(), p.challenge_timeout()]
+                })
+                .flatten()
                 .min();
 
             let key_update_timer = self.crypto_ctx[packet::Epoch::Application]
@@ -7210,6 +7214,11 @@ impl<F: BufFactory> Connection<F> {
         let handshake_status = self.handshake_status();
 
         for (_, p) in self.paths.iter_mut() {
+            // quichex patch H.
+            if p.challenge_timeout().is_some_and(|timer| timer <= now) {
+                p.on_challenge_timeout(now, self.is_server);
+            }
+
             if let Some(timer) = p.recovery.loss_detection_timer() {
                 if timer <= now {
                     trace!("{} loss detection timeout expired", self.trace_id);
@@ -9152,8 +9161,12 @@ impl<F: BufFactory> Connection<F> {
 
         let ids = &mut self.ids;
 
+        // quichex patch G: a packet for a connection ID of ours that was
+        // just retired (reordered behind the peer's RETIRE_CONNECTION_ID) is
+        // dropped, not a reason to close the connection: its frames come
+        // again in the peer's retransmission.
         let (in_scid_seq, mut in_scid_pid) =
-            ids.find_scid_seq(dcid).ok_or(Error::InvalidState)?;
+            ids.find_scid_seq(dcid).ok_or(Error::Done)?;
 
         if let Some(recv_pid) = recv_pid {
             // If the path observes a change of SCID used, note it.

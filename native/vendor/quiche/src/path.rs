@@ -510,9 +510,41 @@ impl Path {
             trace_id,
         );
 
+        self.expire_challenges(now, is_server);
+
+        // Track PTO timeout event
+        self.total_pto_count += 1;
+
+        outcome
+    }
+
+    // quichex patch H: when the PATH_CHALLENGEs sent on this path expire
+    // if no PATH_RESPONSE came: one PTO after the oldest was sent. The
+    // loss detection timer covers them only while the packet that carried
+    // one is unacknowledged; once the peer acknowledged it (possibly on
+    // another path) and its PATH_RESPONSE was lost, nothing else would ever
+    // retry the challenge or fail the path.
+    pub fn challenge_timeout(&self) -> Option<Instant> {
+        self.in_flight_challenges
+            .front()
+            .map(|(_, _, sent_time)| *sent_time + self.recovery.pto())
+    }
+
+    // quichex patch H: the challenge timer fired.
+    pub fn on_challenge_timeout(&mut self, now: Instant, is_server: bool) {
+        let pto = self.recovery.pto();
+
+        if let Some(sent_before) = now.checked_sub(pto) {
+            self.expire_challenges(sent_before, is_server);
+        }
+    }
+
+    // Challenges sent up to `sent_before` are lost: retry, or fail the path
+    // after MAX_PROBING_TIMEOUTS (as on a loss detection timeout).
+    fn expire_challenges(&mut self, sent_before: Instant, is_server: bool) {
         let mut lost_probe_time = None;
         self.in_flight_challenges.retain(|(_, _, sent_time)| {
-            if *sent_time <= now {
+            if *sent_time <= sent_before {
                 if lost_probe_time.is_none() {
                     lost_probe_time = Some(*sent_time);
                 }
@@ -551,11 +583,6 @@ impl Path {
                 self.request_validation();
             }
         }
-
-        // Track PTO timeout event
-        self.total_pto_count += 1;
-
-        outcome
     }
 
     /// Returns true if the path's recovery module hasn't processed any non-ACK
