@@ -459,7 +459,9 @@ defmodule Quichex.Connection do
     local = address!(local, :local_address, 0)
     peer = if peer == nil, do: nil, else: address!(peer, :peer_address, nil)
     timeout = timeout_opt(opts)
-    call(conn, {:probe, kind, local, peer}, timeout)
+    # The connection gives up at `timeout` itself (closing the new socket);
+    # the call waits a little longer for that answer.
+    call(conn, {:probe, kind, local, peer, timeout}, timeout, 1_000)
   end
 
   defp address!({ip, port} = addr, option, _default) when is_tuple(ip) and is_integer(port) do

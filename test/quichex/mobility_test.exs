@@ -165,6 +165,22 @@ defmodule Quichex.MobilityTest do
       echo_through(stream, 10_000, fn -> :ok end)
     end
 
+    test "a migration that runs out of time answers :timeout and closes its socket" do
+      {_listener, port} = active_server(handler: Echo)
+      conn = connect!(port, host: @loopback, server_name: "localhost")
+      {:ok, silent} = :gen_udp.open(0, ip: @loopback)
+      {:ok, silent_port} = :inet.port(silent)
+
+      assert {:error, :timeout} =
+               Connection.migrate(conn, {@loopback, 0}, {@loopback, silent_port}, timeout: 200)
+
+      {_state, data} = :sys.get_state(conn)
+      assert data.paths.sockets == %{}
+      assert data.paths.pending == %{}
+      {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
+      echo_through(stream, 10_000, fn -> :ok end)
+    end
+
     test "probe_path/4 validates a path without moving; path_stats/3" do
       {_listener, port} = active_server(handler: Echo)
       conn = connect!(port, host: @loopback, server_name: "localhost")

@@ -160,6 +160,37 @@ defmodule Quichex.Connection.Mobility do
 
   defp open_socket(_ip, _port, _peer), do: {:error, :address_family}
 
+  @doc """
+  The probe (or migration) of caller `from` ran out of time: answered with
+  `{:error, :timeout}`; its socket closes unless the connection uses it.
+  Nothing when it already ended.
+  """
+  def probe_expired(%State{paths: paths} = data, from) do
+    pending = Enum.find(paths.pending, fn {_addrs, {_kind, f}} -> f == from end)
+    waiting = Enum.find(paths.waiting_cid, fn {_l, _p, _kind, f} -> f == from end)
+
+    case {pending, waiting} do
+      {{{local, _peer} = addrs, _}, _} ->
+        paths = %{paths | pending: Map.delete(paths.pending, addrs)}
+        timed_out(%{data | paths: paths}, local, from)
+
+      {nil, {local, _peer, _kind, _from} = entry} ->
+        paths = %{paths | waiting_cid: List.delete(paths.waiting_cid, entry)}
+        timed_out(%{data | paths: paths}, local, from)
+
+      {nil, nil} ->
+        data
+    end
+  end
+
+  defp timed_out(data, local, from) do
+    :gen_statem.reply(from, {:error, :timeout})
+
+    if local != data.local,
+      do: %{data | paths: Paths.close_socket(data.paths, local)},
+      else: data
+  end
+
   ## Path events
 
   @doc "The path events of a poll, told to the owner and the waiting callers."

@@ -142,9 +142,13 @@ defmodule Quichex.Connection.Statem do
   def established({:call, from}, :dgram_max_size, data),
     do: {:keep_state_and_data, {:reply, from, Datagrams.max_size(data.dgrams)}}
 
-  def established({:call, from}, {:probe, kind, local, peer}, data) do
+  def established({:call, from}, {:probe, kind, local, peer, timeout}, data) do
     data = Mobility.start_probe(data, local, peer || data.peer, kind, from)
-    drive(:established, data, [], false)
+
+    expiry =
+      if timeout == :infinity, do: [], else: [{{:timeout, {:probe, from}}, timeout, :expired}]
+
+    drive(:established, data, [], false, expiry)
   end
 
   def established({:call, from}, :rotate_cid, data) do
@@ -202,6 +206,9 @@ defmodule Quichex.Connection.Statem do
 
   defp common(state, :internal, {:read_more, socket}, data), do: read_socket(state, data, socket)
 
+  defp common(state, :info, {:quichex_read_more, socket}, data),
+    do: read_socket(state, data, socket)
+
   defp common(state, :info, {:quic_packets, packets}, data),
     do: drive(state, data, packets, false)
 
@@ -209,6 +216,11 @@ defmodule Quichex.Connection.Statem do
     do: drive(state, %{data | pass_pending: false}, [], false)
 
   defp common(state, {:timeout, :quic}, :fire, data), do: drive(state, data, [], true)
+
+  # A migrate/probe call's time is up: it gets {:error, :timeout}, and the
+  # socket opened for it closes (unless the connection moved there).
+  defp common(_state, {:timeout, {:probe, from}}, :expired, data),
+    do: {:keep_state, Mobility.probe_expired(data, from)}
 
   # quiche's pacer: batches whose time has come.
   defp common(_state, {:timeout, :pace}, :fire, data) do
@@ -337,10 +349,22 @@ defmodule Quichex.Connection.Statem do
   # connection's first (the NIF needs the address each packet came to).
   defp read_socket(state, data, socket) do
     {packets, status} = UDP.read_batch(socket)
-    actions = if status == :more, do: [{:next_event, :internal, {:read_more, socket}}], else: []
+    actions = if status == :more, do: read_more(data, socket), else: []
     to = if socket == data.socket, do: nil, else: Paths.local_of(data.paths, socket)
     drive(state, data, packets, false, actions, to)
   end
+
+  # A socket with more to read is read again right away, before anything
+  # else; but with a probed or migrated path's socket too, through the
+  # mailbox, so that the other socket's select notice (say, a PATH_RESPONSE
+  # waiting there) is not held back behind a long transfer on this one
+  # (quiche counts packets over 128 numbers late as duplicates).
+  defp read_more(%State{paths: %Paths{sockets: sockets}}, socket) when map_size(sockets) > 0 do
+    send(self(), {:quichex_read_more, socket})
+    []
+  end
+
+  defp read_more(_data, socket), do: [{:next_event, :internal, {:read_more, socket}}]
 
   defp open_timer(data) do
     case Streams.next_deadline(data.streams) do
