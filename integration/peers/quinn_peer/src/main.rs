@@ -1085,8 +1085,8 @@ async fn run_client(
 /// packets from a new address. It waits for the echoes so that nothing is in
 /// flight from the old socket: quiche 0.30 closes the connection
 /// (PROTOCOL_VIOLATION) when a packet with a connection ID it has just
-/// retired arrives after the RETIRE_CONNECTION_ID frame, which two sockets
-/// sending on different CPUs make possible (see ../README.md).
+/// retired arrives after the RETIRE_CONNECTION_ID frame, and nothing orders
+/// the old socket's datagrams with the new one's (see ../README.md).
 async fn rebind_midway(
     args: &Args,
     conn: &quinn::Connection,
