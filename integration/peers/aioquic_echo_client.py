@@ -9,6 +9,10 @@ the given application code and reason (or waits for an idle timeout), and
 prints one JSON line: {"ok", "alpn", "bidi", "uni", "bytes",
 "key_phase", "mbps", "error"} plus a key per optional flag used. Exit status
 0 when ok, else 1.
+
+With --resume, a first connection only fetches a session ticket and all the
+rest runs on a second one that resumes with it; --early-data sends that
+connection's streams as 0-RTT data.
 """
 
 import argparse
@@ -31,7 +35,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
-from aioquic.tls import CipherSuite, Epoch
+from aioquic.tls import CipherSuite, Epoch, SessionTicket
 
 
 CLOSE_GRACE = 0.25  # seconds to linger after sending CONNECTION_CLOSE
@@ -48,6 +52,7 @@ class EchoClientProtocol(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.connected = False
         self.alpn: str | None = None
+        self.handshake: HandshakeCompleted | None = None
         self.received: dict[int, bytearray] = {}
         self.finished: set[int] = set()
         self.error: str | None = None
@@ -60,7 +65,7 @@ class EchoClientProtocol(QuicConnectionProtocol):
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
-            self.connected, self.alpn = True, event.alpn_protocol
+            self.connected, self.alpn, self.handshake = True, event.alpn_protocol, event
         elif isinstance(event, StreamDataReceived):
             self.received.setdefault(event.stream_id, bytearray()).extend(event.data)
             if event.end_stream:
@@ -110,7 +115,7 @@ def dgram_payload(index: int, size: int) -> bytes:
     return index.to_bytes(4, "big") + payload(2_000_000 + index, size - 4)
 
 
-async def run(args: argparse.Namespace, result: dict) -> None:
+def configuration(args: argparse.Namespace) -> QuicConfiguration:
     config = QuicConfiguration(is_client=True, alpn_protocols=[args.alpn])
     config.server_name = args.server_name
     if args.insecure:
@@ -130,6 +135,49 @@ async def run(args: argparse.Namespace, result: dict) -> None:
         config.supported_versions = [args.version, *others]
     if args.dgrams:
         config.max_datagram_frame_size = MAX_DATAGRAM_FRAME
+    return config
+
+
+async def first_connection(args: argparse.Namespace) -> SessionTicket:
+    """--resume: a first connection, only for a session ticket. It is closed
+    (code 0, reason "resume") as soon as one arrived."""
+    tickets: list[SessionTicket] = []
+    arrived = asyncio.Event()
+
+    def keep(ticket: SessionTicket) -> None:
+        tickets.append(ticket)
+        arrived.set()
+
+    async with connect(
+        args.host,
+        args.port,
+        configuration=configuration(args),
+        create_protocol=EchoClientProtocol,
+        session_ticket_handler=keep,
+        wait_connected=False,
+    ) as conn:
+        conn.transmit()
+        try:
+            await conn.wait_for(lambda: conn.connected)
+        except Failure as e:
+            raise Failure(f"first connection: handshake failed: {e}")
+        await arrived.wait()
+        conn.close(error_code=0, reason_phrase="resume")
+    return tickets[-1]
+
+
+async def run(args: argparse.Namespace, result: dict) -> None:
+    # Leave time for the close: connect() lingers up to CLOSE_GRACE on exit.
+    deadline = asyncio.get_running_loop().time() + max(0.0, args.timeout - CLOSE_GRACE)
+    config = configuration(args)
+    if args.resume:
+        try:
+            async with asyncio.timeout_at(deadline):
+                config.session_ticket = await first_connection(args)
+        except TimeoutError:
+            raise Failure(
+                f"timeout after {args.timeout}s: no session ticket from the first connection"
+            )
 
     # wait_connected=False: we wait for the handshake ourselves, to report why it failed.
     async with connect(
@@ -141,33 +189,48 @@ async def run(args: argparse.Namespace, result: dict) -> None:
     ) as conn:
         conn.transmit()
         try:
-            # Leave time for the close: connect() lingers up to CLOSE_GRACE on exit.
-            async with asyncio.timeout(max(0.0, args.timeout - CLOSE_GRACE)):
-                try:
-                    await conn.wait_for(lambda: conn.connected)
-                except Failure as e:
-                    raise Failure(f"handshake failed: {e}")
+            async with asyncio.timeout_at(deadline):
+                # --early-data: the streams go out before the handshake
+                # completes, in 0-RTT packets (if the ticket allows it).
+                if not args.early_data:
+                    await handshake(conn)
                 await exchange(args, conn, result)
+                await handshake(conn)
                 await datagrams(args, conn, result)
                 await specials(args, conn, result)
                 if args.version is not None:
                     result["version"] = conn._quic._version
                     result["vn"] = conn._quic._version_negotiated_incompatible
+                if args.resume:
+                    result["resumed"] = conn.handshake.session_resumed
+                if args.early_data:
+                    offered = config.session_ticket.max_early_data_size is not None
+                    accepted = conn.handshake.early_data_accepted
+                    result["early_data"] = (
+                        "accepted" if accepted else "rejected" if offered else "none"
+                    )
                 if args.wait_idle is not None:
                     await wait_idle(args, conn, result)
                     return
         except TimeoutError:
-            handshake = "done" if conn.connected else "not done"
+            state = "done" if conn.connected else "not done"
             raise Failure(
-                f"timeout after {args.timeout}s: handshake {handshake}, "
+                f"timeout after {args.timeout}s: handshake {state}, "
                 f"{len(conn.finished)} of {args.streams + args.uni} echoes complete"
             )
         conn.close(error_code=args.close_code, reason_phrase=args.close_reason)
 
 
+async def handshake(conn: EchoClientProtocol) -> None:
+    try:
+        await conn.wait_for(lambda: conn.connected)
+    except Failure as e:
+        raise Failure(f"handshake failed: {e}")
+
+
 async def exchange(args: argparse.Namespace, conn: EchoClientProtocol, result: dict) -> None:
     quic = conn._quic
-    result["alpn"] = conn.alpn
+    result["alpn"] = conn.alpn  # None for now with --early-data: set again below
     started = time.monotonic()
     # Open every stream first, so ids are allocated in order: bidi payloads are
     # seeded 0.., uni payloads 1_000_000..
@@ -209,6 +272,7 @@ async def exchange(args: argparse.Namespace, conn: EchoClientProtocol, result: d
     if got_uni != sent_uni:
         lengths = sorted(len(data) for data in got_uni.elements())
         raise Failure(f"uni echoes do not match what was sent: got lengths {lengths}")
+    result["alpn"] = conn.alpn
     result.update(bidi=len(bidi), uni=args.uni, bytes=args.size * len(streams))
     result["key_phase"] = quic._cryptos[Epoch.ONE_RTT].send.key_phase
     result["mbps"] = round(result["bytes"] / max(time.monotonic() - started, 1e-9) / 1e6, 2)
@@ -377,7 +441,13 @@ if __name__ == "__main__":
     parser.add_argument("--dgram-size", type=int, default=1000, help="bytes per DATAGRAM (>= 4)")
     parser.add_argument("--dgram-burst", type=int, default=20,
                         help="DATAGRAMs sent before waiting for their echoes (0: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="connect once for a session ticket, then again resuming with it")
+    parser.add_argument("--early-data", action="store_true",
+                        help="with --resume: send the streams as 0-RTT data")
     args = parser.parse_args()
+    if args.early_data and not args.resume:
+        parser.error("--early-data needs --resume")
     if args.dgrams and args.dgram_size < 4:
         parser.error("--dgram-size must be at least 4 (the index)")
     sys.exit(asyncio.run(main(args)))

@@ -8,7 +8,10 @@ with that code, `STOP <code>\n` asks the client to stop sending
 on a new server uni stream.
 
 stdout (one line each, flushed): `LISTENING <port>` once bound,
-`CONNECTED <alpn>` per completed handshake, `CLOSED <code> <reason>` per
+`CONNECTED <alpn>` per completed handshake, followed by `RESUMED` when it
+resumed a session (the server issues session tickets), `EARLY_DATA
+accepted` when it accepted 0-RTT and `EARLY_STREAM <id> <n>` for each bidi
+stream that carried n bytes of 0-RTT data, `CLOSED <code> <reason>` per
 connection the peer closed, `STREAM_RESET <id> <code>` / `STOP_SENDING <id>
 <code>` when the client resets a stream / stops one of ours, `DATAGRAMS <n>`
 when a connection that carried DATAGRAM frames ends. Every DATAGRAM frame is
@@ -32,7 +35,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
-from aioquic.tls import CipherSuite
+from aioquic.tls import CipherSuite, SessionTicket
 
 
 def say(line: str) -> None:
@@ -67,13 +70,25 @@ class EchoServerProtocol(QuicConnectionProtocol):
         self._head: dict[int, bytearray | None] = {}
         self._commanded: set[int] = set()  # bidi streams that carried a command
         self._datagrams = 0  # DATAGRAM frames received (and echoed)
+        self._handshake_done = False
+        self._early: dict[int, int] = {}  # bidi stream -> bytes before the handshake completed
 
     def quic_event_received(self, event) -> None:
         if isinstance(event, HandshakeCompleted):
             say(f"CONNECTED {event.alpn_protocol}")
+            if event.session_resumed:
+                say("RESUMED")
+            if event.early_data_accepted:
+                say("EARLY_DATA accepted")
+            # Data that came before the handshake completed was 0-RTT data.
+            for sid, n in self._early.items():
+                say(f"EARLY_STREAM {sid} {n}")
+            self._handshake_done = True
         elif isinstance(event, StreamDataReceived):
             sid = event.stream_id
             if sid & 2 == 0:  # bidirectional: echo on the same stream
+                if not self._handshake_done and event.data:
+                    self._early[sid] = self._early.get(sid, 0) + len(event.data)
                 self._bidi(sid, event.data, event.end_stream)
             else:  # unidirectional: answer on a new stream after FIN
                 buf = self._uni.setdefault(sid, bytearray())
@@ -120,6 +135,20 @@ class EchoServerProtocol(QuicConnectionProtocol):
             self._quic.send_stream_data(sid, bytes(head), fin)
 
 
+class TicketStore:
+    """Session tickets issued by this server, each usable once (a ticket
+    taken for a resumption is gone, so its 0-RTT data cannot be replayed)."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[bytes, SessionTicket] = {}
+
+    def add(self, ticket: SessionTicket) -> None:
+        self._tickets[ticket.ticket] = ticket
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        return self._tickets.pop(label, None)
+
+
 async def stdin_eof() -> None:
     """Return when stdin reaches EOF. A stdin that cannot be polled
     (/dev/null, a regular file) is not watched: serve until killed."""
@@ -143,12 +172,17 @@ async def main(args: argparse.Namespace) -> None:
     config.load_cert_chain(args.cert, args.key)
     if args.chacha20:
         config.cipher_suites = [CipherSuite.CHACHA20_POLY1305_SHA256]
+    # With a ticket store, aioquic resumes sessions and accepts 0-RTT data
+    # from any client that offers it with one of our tickets.
+    tickets = TicketStore()
     server = await serve(
         args.host,
         args.port,
         configuration=config,
         create_protocol=EchoServerProtocol,
         retry=args.retry,
+        session_ticket_fetcher=tickets.pop,
+        session_ticket_handler=tickets.add,
     )
     say(f"LISTENING {server._transport.get_extra_info('sockname')[1]}")
     try:

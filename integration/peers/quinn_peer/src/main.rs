@@ -7,6 +7,8 @@
 //! (the client's JSON line has `key_update` instead of `key_phase`). See
 //! `../README.md`.
 
+mod observe;
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
     ConnectionError, Endpoint, Incoming, ReadError, ReadToEndError, SendDatagramError,
     TransportConfig, VarInt,
@@ -36,6 +38,8 @@ const DEFAULT_ALPN: &str = "quichex-echo";
 const DGRAM_QUIET: Duration = Duration::from_millis(500);
 /// Bytes of DATAGRAM payloads buffered each way (quinn's defaults are about as large).
 const DGRAM_BUFFER: usize = 1 << 20;
+/// How often the server looks at each client's address (for `MIGRATED`).
+const PEER_ADDRESS_POLL: Duration = Duration::from_millis(10);
 
 fn main() -> ExitCode {
     let mut argv: VecDeque<String> = std::env::args().skip(1).collect();
@@ -71,7 +75,8 @@ fn usage(msg: &str) -> ! {
          [--server-name NAME] [--streams N] [--uni N] [--size BYTES] [--close-code N] \
          [--close-reason TEXT] [--timeout S] [--key-update] [--chacha20] [--reset-code N] \
          [--stop-code N] [--ask-reset N] [--ask-stop N] [--wait-idle S] [--version HEX] \
-         [--dgrams N] [--dgram-size BYTES] [--dgram-burst N]"
+         [--dgrams N] [--dgram-size BYTES] [--dgram-burst N] [--resume [--early-data]] \
+         [--rebind]"
     );
     std::process::exit(2) // like argparse
 }
@@ -107,6 +112,9 @@ struct Args {
     dgrams: usize,
     dgram_size: usize,
     dgram_burst: usize,
+    resume: bool,
+    early_data: bool,
+    rebind: bool,
 }
 
 impl Args {
@@ -140,6 +148,9 @@ impl Args {
             dgrams: 0,
             dgram_size: 1000,
             dgram_burst: 20,
+            resume: false,
+            early_data: false,
+            rebind: false,
         };
         while let Some(arg) = argv.pop_front() {
             let (flag, inline) = match arg.split_once('=') {
@@ -187,18 +198,30 @@ impl Args {
                             .map_err(|_| format!("{flag}: invalid hex version {v:?}"))?,
                     );
                 }
-                "--retry" | "--chacha20" | "--insecure" | "--key-update" if inline.is_some() => {
+                "--retry" | "--chacha20" | "--insecure" | "--key-update" | "--resume"
+                | "--early-data" | "--rebind"
+                    if inline.is_some() =>
+                {
                     return Err(format!("{flag} takes no value"))
                 }
                 "--retry" => a.retry = true,
                 "--chacha20" => a.chacha20 = true,
                 "--insecure" => a.insecure = true,
                 "--key-update" => a.key_update = true,
+                "--resume" => a.resume = true,
+                "--early-data" => a.early_data = true,
+                "--rebind" => a.rebind = true,
                 _ => return Err(format!("unknown argument {flag:?}")),
             }
         }
         if a.cafile.is_some() && a.insecure {
             return Err("--cafile and --insecure are mutually exclusive".into());
+        }
+        if a.early_data && !a.resume {
+            return Err("--early-data needs --resume".into());
+        }
+        if a.resume && a.version.is_some() {
+            return Err("--resume and --version cannot be combined".into());
         }
         if a.dgrams > 0 && a.dgram_size < 4 {
             return Err("--dgram-size must be at least 4 (the index)".into());
@@ -379,6 +402,7 @@ async fn server(args: Args) -> Result<(), String> {
     tls.max_early_data_size = u32::MAX; // as quinn's own default config
     let tls = QuicServerConfig::with_initial(Arc::new(tls), initial_suite())
         .map_err(|e| e.to_string())?;
+    let tls = observe::ObservedServer(Arc::new(tls));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
     config.transport_config(transport(Duration::from_secs_f64(args.idle_timeout)));
 
@@ -423,22 +447,24 @@ fn watch_stdin() {
 }
 
 async fn serve_connection(incoming: Incoming) {
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => return report_close(&e), // e.g. no common ALPN: we closed it
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => return report_close(&e),
     };
-    let alpn = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .map(|p| String::from_utf8_lossy(&p).into_owned())
-        .unwrap_or_else(|| "None".into());
-    say(&format!("CONNECTED {alpn}"));
+    // Served from the start (quinn calls it 0.5-RTT), so that streams a
+    // client sends as 0-RTT data are read before the handshake completes.
+    let (conn, handshake_done) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, Some(done)),
+        Err(connecting) => match connecting.await {
+            Ok(conn) => (conn, None),
+            Err(e) => return report_close(&e),
+        },
+    };
 
     let bidi = conn.clone();
     tokio::spawn(async move {
         while let Ok((send, recv)) = bidi.accept_bi().await {
-            tokio::spawn(echo_bidi(send, recv));
+            tokio::spawn(echo_bidi(send, recv, bidi.clone()));
         }
     });
     let uni = conn.clone();
@@ -473,12 +499,55 @@ async fn serve_connection(incoming: Incoming) {
             }
         }
     });
+
+    if let Some(done) = handshake_done {
+        done.await; // true or false: resolves when the handshake ends either way
+    }
+    let handshake = observe::handshake(&conn).filter(|h| !h.handshaking);
+    let Some(handshake) = handshake else {
+        // e.g. no common ALPN: we closed it
+        if let Some(e) = conn.close_reason() {
+            report_close(&e);
+        }
+        return;
+    };
+    let alpn = handshake
+        .protocol
+        .as_ref()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_else(|| "None".into());
+    say(&format!("CONNECTED {alpn}"));
+    if handshake.resumed {
+        say("RESUMED");
+    }
+    if handshake.early_data_accepted {
+        say("EARLY_DATA accepted");
+    }
+    tokio::spawn(watch_peer_address(conn.clone()));
+
     let closed = conn.closed().await;
     let n = datagrams.load(Ordering::SeqCst);
     if n > 0 {
         say(&format!("DATAGRAMS {n}"));
     }
     report_close(&closed);
+}
+
+/// `MIGRATED <old> <new>` whenever the client's address changes (quinn
+/// follows a client that migrated, but has no event for it).
+async fn watch_peer_address(conn: quinn::Connection) {
+    let mut peer = conn.remote_address();
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(PEER_ADDRESS_POLL) => {}
+        }
+        let now = conn.remote_address();
+        if now != peer {
+            say(&format!("MIGRATED {peer} {now}"));
+            peer = now;
+        }
+    }
 }
 
 /// What the first bytes of a bidi stream ask for.
@@ -523,8 +592,13 @@ fn parse_command(head: &[u8]) -> Command {
 /// Echo each chunk on the same stream and answer FIN with FIN, unless the
 /// stream starts with a command. Reports the client's RESET_STREAM and
 /// STOP_SENDING as `STREAM_RESET <id> <code>` / `STOP_SENDING <id> <code>`.
-async fn echo_bidi(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn echo_bidi(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    conn: quinn::Connection,
+) {
     let id = u64::from(send.id());
+    let mut early = EarlyBytes::new(id, conn);
     let stopped = send.stopped();
     tokio::spawn(async move {
         if let Ok(Some(code)) = stopped.await {
@@ -534,7 +608,9 @@ async fn echo_bidi(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let mut head: Option<Vec<u8>> = Some(Vec::new()); // None once classified
     let mut echo = true;
     loop {
-        match recv.read_chunk(usize::MAX, true).await {
+        let read = recv.read_chunk(usize::MAX, true).await;
+        early.count(&read);
+        match read {
             Ok(Some(chunk)) => {
                 let Some(h) = head.as_mut() else {
                     if echo && send.write_chunk(chunk.bytes).await.is_err() {
@@ -580,6 +656,46 @@ async fn echo_bidi(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
                 return;
             }
             Err(_) => return,
+        }
+    }
+}
+
+/// `EARLY_STREAM <id> <n>`: the first `n` bytes of a bidi stream were read
+/// before the handshake completed, so they came as 0-RTT data. Printed when
+/// the stream ends or its first byte after the handshake is read; nothing
+/// for a stream that had none.
+struct EarlyBytes {
+    id: u64,
+    /// None once reported (or known to be nothing).
+    conn: Option<quinn::Connection>,
+    bytes: usize,
+}
+
+impl EarlyBytes {
+    fn new(id: u64, conn: quinn::Connection) -> Self {
+        EarlyBytes {
+            id,
+            conn: Some(conn),
+            bytes: 0,
+        }
+    }
+
+    fn count(&mut self, read: &Result<Option<quinn::Chunk>, ReadError>) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        let handshaking = observe::handshake(conn).is_some_and(|h| h.handshaking);
+        match read {
+            Ok(Some(chunk)) if handshaking => self.bytes += chunk.bytes.len(),
+            Ok(Some(_)) => self.report(),
+            // FIN, a reset or an error: the stream is done.
+            _ => self.report(),
+        }
+    }
+
+    fn report(&mut self) {
+        if self.conn.take().is_some() && self.bytes > 0 {
+            say(&format!("EARLY_STREAM {} {}", self.id, self.bytes));
         }
     }
 }
@@ -673,6 +789,8 @@ impl Report {
 struct Progress {
     connected: AtomicBool,
     echoes: AtomicUsize,
+    /// Bytes of bidi echoes received so far (for --rebind).
+    echoed_bytes: AtomicUsize,
 }
 
 /// SIZE deterministic bytes, different for each seed (splitmix64).
@@ -823,6 +941,9 @@ async fn run_client(
     tls.enable_early_data = true; // as quinn's own default config
     let tls = QuicClientConfig::with_initial(Arc::new(tls), initial_suite())
         .map_err(|e| fail(e.to_string()))?;
+    // Every connection of the run shares this rustls config, and with it
+    // rustls' session cache: the tickets that --resume resumes with.
+    let tls = observe::ObservedClient(Arc::new(tls));
     let mut config = quinn::ClientConfig::new(Arc::new(tls));
     config.transport_config(transport(Duration::from_secs(30)));
     if let Some(version) = args.version {
@@ -845,10 +966,25 @@ async fn run_client(
         .server_name
         .clone()
         .unwrap_or_else(|| args.host.clone());
-    let mut attempt = endpoint
+    if args.resume {
+        first_connection(&endpoint, server, &name)
+            .await
+            .map_err(fail)?;
+    }
+    let connecting = endpoint
         .connect(server, &name)
-        .map_err(|e| fail(format!("connect failed: {e}")))?
-        .await;
+        .map_err(|e| fail(format!("connect failed: {e}")))?;
+    let started = Instant::now();
+    // --early-data: with a ticket that allows it, the connection is usable
+    // at once and exchange() sends its streams as 0-RTT data.
+    let (mut attempt, zero_rtt) = if args.early_data {
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (Ok(conn), Some(accepted)),
+            Err(connecting) => (connecting.await, None),
+        }
+    } else {
+        (connecting.await, None)
+    };
     if args.version.is_some() {
         // quinn does not retry after a Version Negotiation packet: it fails
         // the attempt with VersionMismatch. Start a new one with QUIC v1, as
@@ -870,19 +1006,50 @@ async fn run_client(
         report.extra.push(("vn", negotiated.to_string()));
     }
     let conn = attempt.map_err(|e| fail(format!("handshake failed: {}", describe(&e))))?;
-    progress.connected.store(true, Ordering::SeqCst);
-    report.alpn = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .map(|p| String::from_utf8_lossy(&p).into_owned());
+    let alpn = |conn: &quinn::Connection| {
+        observe::handshake(conn)
+            .and_then(|h| h.protocol)
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+    };
+    if zero_rtt.is_none() {
+        progress.connected.store(true, Ordering::SeqCst);
+        report.alpn = alpn(&conn);
+    }
 
-    let started = Instant::now();
-    if let Err(e) = exchange(args, &conn, report, progress).await {
+    // Measured from the end of the handshake, or from the start of a 0-RTT one.
+    let started = if zero_rtt.is_none() {
+        Instant::now()
+    } else {
+        started
+    };
+    if let Err(e) = exchange(args, &conn, &endpoint, report, progress).await {
         return Err((Some(conn), e));
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     report.mbps = report.bytes as f64 / secs / 1e6;
+    if args.early_data {
+        let outcome = match zero_rtt {
+            // Resolves when the handshake completes (it has: the echoes came).
+            Some(accepted) => {
+                if accepted.await {
+                    "accepted"
+                } else {
+                    "rejected"
+                }
+            }
+            // No ticket that allows 0-RTT: the streams waited for the handshake.
+            None => "none",
+        };
+        progress.connected.store(true, Ordering::SeqCst);
+        report.alpn = alpn(&conn);
+        report
+            .extra
+            .push(("early_data", json_str(&Some(outcome.into()))));
+    }
+    if args.resume {
+        let resumed = observe::handshake(&conn).is_some_and(|h| h.resumed);
+        report.extra.push(("resumed", resumed.to_string()));
+    }
     if let Err(e) = datagrams(args, &conn, report).await {
         return Err((Some(conn), e));
     }
@@ -910,6 +1077,66 @@ async fn run_client(
             .push(("ended_after_ms", waited.elapsed().as_millis().to_string()));
     }
     Ok(conn)
+}
+
+/// `--rebind`: once the first half of every bidi stream has been echoed,
+/// moves the endpoint to a new UDP socket (a new local port) before the
+/// second halves are sent: an active migration, which the server sees as
+/// packets from a new address. It waits for the echoes so that nothing is in
+/// flight from the old socket: quiche 0.30 closes the connection
+/// (PROTOCOL_VIOLATION) when a packet with a connection ID it has just
+/// retired arrives after the RETIRE_CONNECTION_ID frame, and nothing orders
+/// the old socket's datagrams with the new one's (see ../README.md).
+async fn rebind_midway(
+    args: &Args,
+    conn: &quinn::Connection,
+    endpoint: &Endpoint,
+    report: &mut Report,
+    progress: &Progress,
+) -> Result<(), String> {
+    let first_halves = args.size / 2 * args.streams;
+    while progress.echoed_bytes.load(Ordering::SeqCst) < first_halves {
+        if let Some(e) = conn.close_reason() {
+            return Err(describe(&e));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let old = endpoint
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(old.ip(), 0))
+        .map_err(|e| format!("--rebind: bind: {e}"))?;
+    endpoint
+        .rebind(socket)
+        .map_err(|e| format!("--rebind: {e}"))?;
+    let new = endpoint
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    report.extra.push(("rebind_from", old.port().to_string()));
+    report.extra.push(("rebind_to", new.port().to_string()));
+    Ok(())
+}
+
+/// `--resume`: a first connection, only for a session ticket. It is closed
+/// (code 0, reason `resume`) as soon as rustls has stored one.
+async fn first_connection(
+    endpoint: &Endpoint,
+    server: SocketAddr,
+    name: &str,
+) -> Result<(), String> {
+    let conn = endpoint
+        .connect(server, name)
+        .map_err(|e| format!("connect failed: {e}"))?
+        .await
+        .map_err(|e| format!("first connection: handshake failed: {}", describe(&e)))?;
+    while observe::handshake(&conn).map_or(0, |h| h.tickets) == 0 {
+        if let Some(e) = conn.close_reason() {
+            return Err(format!("first connection: {}", describe(&e)));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    conn.close(0u32.into(), b"resume");
+    Ok(())
 }
 
 /// `--dgrams N`: the index (4 bytes, big-endian), then bytes seeded 2_000_000 + index.
@@ -1068,6 +1295,7 @@ async fn specials(
 async fn exchange(
     args: &Args,
     conn: &quinn::Connection,
+    endpoint: &Endpoint,
     report: &mut Report,
     progress: &Arc<Progress>,
 ) -> Result<(), String> {
@@ -1075,9 +1303,10 @@ async fn exchange(
     // Each task yields nothing, or (the uni acceptor) every uni echo.
     let mut tasks: JoinSet<Result<Option<Vec<Vec<u8>>>, String>> = JoinSet::new();
     // Writers report their first half here, then wait for the gate: with
-    // --key-update, the keys are updated in between.
+    // --key-update the keys are updated in between, with --rebind the
+    // endpoint moves to a new socket.
     let (halfway_tx, mut halfway_rx) = mpsc::unbounded_channel::<Result<(), String>>();
-    let (gate_tx, gate_rx) = watch::channel(!args.key_update);
+    let (gate_tx, gate_rx) = watch::channel(!(args.key_update || args.rebind));
 
     // Open every stream first, in order: bidi payloads are seeded 0..,
     // uni payloads 1_000_000.. (same scheme as the aioquic client).
@@ -1119,10 +1348,17 @@ async fn exchange(
             Some(mut recv) => {
                 let progress = progress.clone();
                 tasks.spawn(async move {
-                    let got = recv
-                        .read_to_end(usize::MAX)
+                    let mut got = Vec::with_capacity(data.len());
+                    while let Some(chunk) = recv
+                        .read_chunk(usize::MAX, true)
                         .await
-                        .map_err(|e| format!("bidi stream {id}: {e}"))?;
+                        .map_err(|e| format!("bidi stream {id}: {e}"))?
+                    {
+                        got.extend_from_slice(&chunk.bytes);
+                        progress
+                            .echoed_bytes
+                            .fetch_add(chunk.bytes.len(), Ordering::SeqCst);
+                    }
                     if got != *data {
                         let at = got.iter().zip(data.iter()).position(|(a, b)| a != b);
                         let at = at.unwrap_or(got.len().min(data.len()));
@@ -1164,12 +1400,15 @@ async fn exchange(
         Ok(Some(got))
     });
 
-    if args.key_update {
-        // Every first half is written. RFC 9001 §6 forbids a key update before
-        // the handshake is confirmed, i.e. before HANDSHAKE_DONE reaches the client.
+    if args.key_update || args.rebind {
+        // Every first half is written.
         for _ in 0..args.streams + args.uni {
             halfway_rx.recv().await.expect("writers hold a sender")?;
         }
+    }
+    if args.key_update {
+        // RFC 9001 §6 forbids a key update before the handshake is
+        // confirmed, i.e. before HANDSHAKE_DONE reaches the client.
         while conn.stats().frame_rx.handshake_done == 0 {
             if let Some(e) = conn.close_reason() {
                 return Err(describe(&e));
@@ -1178,8 +1417,11 @@ async fn exchange(
         }
         conn.force_key_update();
         report.key_update = true;
-        let _ = gate_tx.send(true);
     }
+    if args.rebind {
+        rebind_midway(args, conn, endpoint, report, progress).await?;
+    }
+    let _ = gate_tx.send(true);
 
     let mut got_uni = Vec::new();
     while let Some(joined) = tasks.join_next().await {
