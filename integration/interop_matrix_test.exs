@@ -62,27 +62,18 @@ defmodule Quichex.InteropMatrixTest do
   #
   # Migration (quinn only: quinn_peer's client moves with one call,
   # Endpoint::rebind; the aioquic scripts have no such flag): the client
-  # moves to a new local port halfway through a 5 MB echo - ours with
-  # Connection.migrate/4, quinn's client by rebinding its endpoint
+  # moves to a new local port in the middle of a 5 MB echo, with data in
+  # flight - ours with Connection.migrate/4 once half the echo is back,
+  # quinn's client by rebinding its endpoint once half is written
   # (--rebind) - and the other side must follow (our {:peer_migrated, ...}
-  # path event; quinn_peer server's MIGRATED line). The move happens once
-  # the first half has been echoed, before the second half is sent. Moving
-  # while quinn sends at full speed fails now and then, because of quiche
-  # 0.30 (reported, not worked around here):
-  #
-  #   * our client moving: quinn answers the PATH_CHALLENGE on the new path
-  #     while it keeps sending on the old one. Our connection drains the old
-  #     socket before it reads the new one, so the PATH_RESPONSE can come
-  #     after more than 128 newer packets, and quiche's duplicate window
-  #     (PktNumWindow, 128 packet numbers) drops it as a duplicate. quinn
-  #     acknowledged the PATH_CHALLENGE packet, so quiche never sends
-  #     another one nor fails the path: migrate/4 times out and the path
-  #     stays :validating.
-  #   * their client moving: quinn retires the old connection ID as it
-  #     moves; a packet still carrying it that arrives after the
-  #     RETIRE_CONNECTION_ID frame makes quiche close the connection with
-  #     PROTOCOL_VIOLATION (recv returns InvalidState) instead of dropping
-  #     that packet.
+  # path event; quinn_peer server's MIGRATED line). These cases found three
+  # quiche 0.30 bugs, fixed in our vendored copy (native/vendor/PATCHES.md):
+  # a late packet for a just-retired connection ID closed the connection
+  # (patch G), and a PATH_CHALLENGE whose packet quinn acknowledged but
+  # whose PATH_RESPONSE was lost was never retried (patch H); and one of
+  # ours: a client read its busy old socket before the new path's, so the
+  # PATH_RESPONSE could come more than 128 packets late, which quiche counts
+  # as a duplicate (the connection now reads its sockets in turn).
   use ExUnit.Case, async: false
 
   import Quichex.Test.Helpers
@@ -810,11 +801,8 @@ defmodule Quichex.InteropMatrixTest do
   end
 
   # --- migration: the client moves to a new local port halfway through a
-  # 5 MB echo on one stream; the server follows, and the echo is
-  # byte-exact. The move happens once the first half has come back and
-  # before the second half is sent, with nothing in flight: under a full
-  # flow from quinn, quiche 0.30 loses the path validation or the whole
-  # connection now and then (see the header).
+  # 5 MB echo on one stream, with data in flight; the server follows, and
+  # the echo is byte-exact.
 
   defp run(:migration, peer, :client, _context) do
     {server, port} = echo_server!(peer)
@@ -822,16 +810,24 @@ defmodule Quichex.InteropMatrixTest do
     {:ok, %{local_address: old_local}} = Connection.info(conn)
     payload = random_bytes(@migration_size)
     half = div(@migration_size, 2)
-    <<first::binary-size(half), second::binary>> = payload
     {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
 
-    assert send_and_read(stream, first, false) == first
-    assert {:ok, path_id} = Connection.migrate(conn, {{127, 0, 0, 1}, 0})
+    sender =
+      Task.async(fn ->
+        Quichex.Stream.send(stream, payload, fin: true, timeout: @transfer_timeout)
+      end)
+
+    # Half of the echo is back; the rest is on its way both ways.
+    first = read_at_least(stream, half, [])
+    assert {:ok, path_id} = Connection.migrate(conn, {{127, 0, 0, 1}, 0}, nil, timeout: 10_000)
+    second = read_bytes(stream, @migration_size - byte_size(first), true, [])
+    assert Task.await(sender, @transfer_timeout) == :ok
+    assert first <> second == payload
+
     assert_receive {:quic_path_validated, ^conn, ^path_id}
     assert {:ok, %{local_address: new_local}} = Connection.info(conn)
     assert new_local != old_local
     assert {:ok, %{id: ^path_id, active: true}} = Connection.active_path(conn)
-    assert send_and_read(stream, second, true) == second
 
     # quinn_peer's server saw the client's address change.
     [_, from, to] = Interop.await_line(server, ~r/^MIGRATED (\S+) (\S+)$/)
@@ -844,8 +840,8 @@ defmodule Quichex.InteropMatrixTest do
     args = ["--streams", "1", "--size", "#{@migration_size}", "--rebind"]
     result = client!(peer, port, args, @transfer_timeout)
 
-    # --rebind: once the first half was echoed, their endpoint moved to a new
-    # socket; the second half went from there.
+    # --rebind: once the first half was written, their endpoint moved to a
+    # new socket; the second half went from there.
     assert %{bidi: 1, bytes: @migration_size, rebind_from: from, rebind_to: to} = result
     assert from != to
     # Our connection followed it (handle_path_event/3).
@@ -959,6 +955,21 @@ defmodule Quichex.InteropMatrixTest do
     echo = read_bytes(stream, byte_size(data), fin, [])
     assert Task.await(sender, @transfer_timeout) == :ok
     echo
+  end
+
+  # At least `n` bytes (no FIN yet), as many as came.
+  defp read_at_least(stream, n, acc) do
+    case Quichex.Stream.recv(stream, timeout: 10_000) do
+      {:ok, data, false} ->
+        acc = [acc | data]
+
+        if IO.iodata_length(acc) >= n,
+          do: IO.iodata_to_binary(acc),
+          else: read_at_least(stream, n, acc)
+
+      other ->
+        flunk("read failed before #{n} bytes: #{inspect(other)}")
+    end
   end
 
   defp read_bytes(stream, left, fin, acc) do

@@ -1079,27 +1079,17 @@ async fn run_client(
     Ok(conn)
 }
 
-/// `--rebind`: once the first half of every bidi stream has been echoed,
-/// moves the endpoint to a new UDP socket (a new local port) before the
-/// second halves are sent: an active migration, which the server sees as
-/// packets from a new address. It waits for the echoes so that nothing is in
-/// flight from the old socket: quiche 0.30 closes the connection
-/// (PROTOCOL_VIOLATION) when a packet with a connection ID it has just
-/// retired arrives after the RETIRE_CONNECTION_ID frame, and nothing orders
-/// the old socket's datagrams with the new one's (see ../README.md).
+/// `--rebind`: once the first half of every stream is written (and while
+/// it is still in flight), moves the endpoint to a new UDP socket (a new
+/// local port) before the second halves are sent: an active migration,
+/// which the server sees as packets from a new address, mid-transfer.
 async fn rebind_midway(
-    args: &Args,
     conn: &quinn::Connection,
     endpoint: &Endpoint,
     report: &mut Report,
-    progress: &Progress,
 ) -> Result<(), String> {
-    let first_halves = args.size / 2 * args.streams;
-    while progress.echoed_bytes.load(Ordering::SeqCst) < first_halves {
-        if let Some(e) = conn.close_reason() {
-            return Err(describe(&e));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    if let Some(e) = conn.close_reason() {
+        return Err(describe(&e));
     }
     let old = endpoint
         .local_addr()
@@ -1419,7 +1409,7 @@ async fn exchange(
         report.key_update = true;
     }
     if args.rebind {
-        rebind_midway(args, conn, endpoint, report, progress).await?;
+        rebind_midway(conn, endpoint, report).await?;
     }
     let _ = gate_tx.send(true);
 
