@@ -696,17 +696,26 @@ defmodule Bench do
       :erlang.garbage_collect()
       beam0 = :erlang.memory()
       rss0 = rss_kb(System.pid())
-      client = start_idle_client(env, port, n)
-      wait_line(client, "IDLE_READY", 300_000)
+      clients = start_idle_clients(env, port, n)
+      # Idle connections hibernate after a couple of seconds (their heaps
+      # shrink to their live data): measure them at rest.
+      Process.sleep(Quichex.Connection.Statem.hibernate_after() + 2_000)
       Enum.each(Process.list(), &:erlang.garbage_collect/1)
       beam1 = :erlang.memory()
       rss1 = rss_kb(System.pid())
       {:ok, stats} = Quichex.Listener.stats(listener)
-      Port.command(client, "done\n")
-      wait_exit(client, 120_000)
+      stop_idle_clients(clients)
 
       beam_kb = (beam1[:total] - beam0[:total]) / 1024 / n
       rss_kb_per = (rss1 - rss0) / n
+      per = fn key -> Float.round((beam1[key] - beam0[key]) / 1024 / n, 2) end
+
+      IO.write(
+        "[#{stats.connections} connections: #{Float.round(rss_kb_per, 2)} KB RSS each = " <>
+          "BEAM #{Float.round(beam_kb, 2)} (processes #{per.(:processes)}, binary incl. the " <>
+          "quiche::Connection resource #{per.(:binary)}, ets #{per.(:ets)}) + " <>
+          "quiche heap and allocators #{Float.round(rss_kb_per - beam_kb, 2)}] "
+      )
 
       %{
         connections: stats.connections,
@@ -723,15 +732,35 @@ defmodule Bench do
   end
 
   defp idle_baseline(env, n) do
-    server = start_baseline_server(env, "echo")
+    server = start_baseline_server(env, "echo", ["--max-conns", "#{n + 100}"])
     rss0 = rss_kb(server.os_pid)
-    client = start_idle_client(env, server.port, n)
-    wait_line(client, "IDLE_READY", 300_000)
+    clients = start_idle_clients(env, server.port, n)
     rss1 = rss_kb(server.os_pid)
-    Port.command(client, "done\n")
-    wait_exit(client, 120_000)
+    stop_idle_clients(clients)
     stop_port(server.port_ref)
     %{connections: n, kb_per_conn: (rss1 - rss0) / n}
+  end
+
+  # One client process per 10,000 connections: each connection has its own
+  # UDP socket on the client side, and a process may hold 20,000 files
+  # here. They connect one after the other (the server sees at most 64
+  # handshakes at a time).
+  @idle_per_client 10_000
+
+  defp start_idle_clients(env, port, n) do
+    for share <- shares(n, @idle_per_client) do
+      client = start_idle_client(env, port, share)
+      wait_line(client, "IDLE_READY", 600_000)
+      client
+    end
+  end
+
+  defp shares(n, per) when n <= per, do: [n]
+  defp shares(n, per), do: [per | shares(n - per, per)]
+
+  defp stop_idle_clients(clients) do
+    Enum.each(clients, &Port.command(&1, "done\n"))
+    Enum.each(clients, &wait_exit(&1, 120_000))
   end
 
   defp start_idle_client(env, port, n) do
@@ -768,7 +797,7 @@ defmodule Bench do
     Path.join([@baseline_dir, "target", "release", "quiche_baseline"])
   end
 
-  defp start_baseline_server(env, mode, extra \\ []) do
+  defp start_baseline_server(env, mode, extra) do
     args =
       ["server", "--port", "0", "--cert", env.cert, "--key", env.key, "--mode", mode] ++
         ["--cc", "#{env.settings.cc}" | extra]

@@ -229,7 +229,8 @@ defmodule Quichex.Connection do
   end
 
   @doc false
-  def start_link(args), do: :gen_statem.start_link(Statem, args, [])
+  def start_link(args),
+    do: :gen_statem.start_link(Statem, args, hibernate_after: Statem.hibernate_after())
 
   @doc false
   # The `:active` mode of streams the peer opens: `stream_opts[:active]`,

@@ -1554,10 +1554,22 @@ mod client {
         let mut eps: Vec<Endpoint> = Vec::new();
         let mut est: Vec<bool> = Vec::new();
         let mut n_est = 0u64;
+        let mut last_ping = Instant::now();
         while n_est < n {
             while (eps.len() as u64) < n && (eps.len() as u64 - n_est) < IN_FLIGHT {
                 eps.push(ctx.start()?);
                 est.push(false);
+            }
+            if last_ping.elapsed() >= Duration::from_secs(10) {
+                // Opening many takes longer than the idle timeout: keep the
+                // first ones alive.
+                last_ping = Instant::now();
+                for (i, ep) in eps.iter_mut().enumerate() {
+                    if est[i] {
+                        let _ = ep.conn.send_ack_eliciting();
+                        ctx.flush(ep)?;
+                    }
+                }
             }
             let (touched, _) = ctx.wait(&mut eps, false)?;
             for i in touched {
@@ -1578,7 +1590,6 @@ mod client {
         let hold = Duration::from_secs(2);
         let mut stdin_done = false;
         let mut acc = Vec::new();
-        let mut last_ping = Instant::now();
         while !(stdin_done && ready.elapsed() >= hold) {
             let (touched, stdin_ev) = ctx.wait(&mut eps, !stdin_done)?;
             if stdin_ev && (read_stdin(&mut acc) || acc.windows(4).any(|w| w == b"done")) {

@@ -37,6 +37,14 @@ defmodule Quichex.Connection.Statem do
   @drain_cap_ms 3_000
   @max_timer_ms Quichex.Config.Schema.max_timeout()
 
+  # A connection with no event for this long hibernates: its heap shrinks
+  # to its live data (an idle connection's memory, and no datagram kept
+  # from its last read), and it wakes on the next message.
+  @hibernate_after_ms 2_000
+
+  @doc false
+  def hibernate_after, do: @hibernate_after_ms
+
   ## Callbacks
 
   @impl :gen_statem

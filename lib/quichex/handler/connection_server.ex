@@ -16,7 +16,11 @@ defmodule Quichex.Handler.ConnectionServer do
   # Started (not linked by start/3: the connection is not our parent, so its
   # exit reaches handle_info/2) and then linked from init/1.
   def start_link(module, options, conn) do
-    {:ok, pid} = GenServer.start(__MODULE__, {module, options, conn})
+    {:ok, pid} =
+      GenServer.start(__MODULE__, {module, options, conn},
+        hibernate_after: Quichex.Connection.Statem.hibernate_after()
+      )
+
     pid
   end
 
