@@ -31,6 +31,9 @@
 //!   on unpatched quiche.
 //! - Patch H (no upstream issue): path validation has a timer of its own.
 //!   Test `o_*` never validates (nor fails) the path on unpatched quiche.
+//! - Patch I (no upstream issue): a FIN arriving for the first time in a
+//!   frame whose data was all read already is reported. Test `p_*` never
+//!   sees the FIN on unpatched quiche.
 //!
 //! Tests `b_*_written_after_data_ack_*` and `g_*` pass on unpatched quiche
 //! too; they guard behaviour the patches must keep.
@@ -806,6 +809,41 @@ fn j_fin_lost_on_pto_copy_after_original_data_acked() {
     assert!(received.fin, "the server never saw the FIN");
 
     assert!(is_collected(&mut pipe.client, CLIENT_UNI_0));
+}
+
+/// (p) The receiver read all the data; the sender's empty FIN was lost and,
+/// the data's ACK being lost too, a PTO probe resends the data with the FIN
+/// in one frame. That frame is all duplicate data plus a FIN never seen:
+/// the receiver must still report the FIN.
+///
+/// Like (j), this one waits for the client's PTO and fires it.
+#[test]
+fn p_new_fin_on_already_read_data_is_reported() {
+    let mut pipe = Pipe::new(10);
+    let mut received = Received::default();
+
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"data", false), Ok(4));
+    pipe.client_to_server();
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"data");
+    assert!(!received.fin);
+
+    // The server's ACK is lost, and so is the empty FIN.
+    assert!(!pipe.server_flush().is_empty());
+    assert_eq!(pipe.client.stream_send(CLIENT_UNI_0, b"", true), Ok(0));
+    assert_eq!(pipe.client_flush().len(), 1);
+
+    // The PTO fires: the probe carries "data" again, with the FIN.
+    let timeout = pipe.client.timeout().expect("no PTO armed");
+    assert!(timeout < Duration::from_secs(2), "PTO too far: {timeout:?}");
+    std::thread::sleep(timeout);
+    pipe.client.on_timeout();
+    assert!(!pipe.client_to_server().is_empty(), "no probe");
+    pipe.advance();
+
+    received.read(&mut pipe.server, CLIENT_UNI_0);
+    assert_eq!(received.data, b"data");
+    assert!(received.fin, "the server never saw the FIN");
 }
 
 /// The client's NAT binding changes: what the server sends to the old

@@ -117,6 +117,10 @@ impl RecvBuf {
             return Ok(());
         }
 
+        // quichex patch I: whether this buffer brings the final size for the
+        // first time (see the duplicate check below).
+        let new_fin = buf.fin() && self.fin_off.is_none();
+
         if buf.fin() {
             self.fin_off = Some(buf.max_off());
         }
@@ -143,7 +147,13 @@ impl RecvBuf {
             //
             // By this point all spurious empty buffers should have already been
             // discarded, so allowing empty buffers here should be safe.
-            if !buf.is_empty() {
+            //
+            // quichex patch I: unless it carries a FIN not seen before (a
+            // retransmission that merged data already read with a FIN whose
+            // own frame was lost). Its data is split off below and the FIN
+            // is kept as an empty final buffer at `off`, so the stream
+            // becomes readable and `stream_recv()` reports the FIN.
+            if !buf.is_empty() && !new_fin {
                 return Ok(());
             }
         }
