@@ -461,7 +461,8 @@ defmodule Quichex.Listener do
 
   @doc false
   # The listener's processes: `registry`, `sockets` (socket pids in index
-  # order), `socket` (the first), `connections` (the DynamicSupervisor).
+  # order), `socket` (the first), `sockets_sup` (their supervisor),
+  # `connections` (the DynamicSupervisor).
   # (`%{}` for anything but a live listener).
   def children(listener) when is_pid(listener) do
     if Call.kind(listener) == :listener, do: children!(listener), else: %{}
@@ -492,7 +493,7 @@ defmodule Quichex.Listener do
       end
 
     top
-    |> Map.merge(%{sockets: sockets, socket: List.first(sockets)})
+    |> Map.merge(%{sockets: sockets, socket: List.first(sockets), sockets_sup: top[:sockets]})
     |> then(fn map -> if shared, do: Map.put(map, :shared, shared), else: map end)
   end
 

@@ -51,30 +51,48 @@ defmodule Quichex.Connection.Statem do
   def callback_mode, do: :state_functions
 
   @impl :gen_statem
+  def init(%{role: :server} = args) do
+    Process.flag(:trap_exit, true)
+    # A server connection is set up by its first event, not here: the
+    # listener's socket process that starts it waits for init/1 only, so
+    # creating the TLS session does not hold up its routing.
+    {:ok, :handshaking, {:opening, args}, {:next_event, :internal, :open}}
+  end
+
   def init(args) do
     Process.flag(:trap_exit, true)
 
-    case Setup.open(args) do
-      {:ok, data} ->
-        data = %{data | started_at: Telemetry.start(:connection, Reports.telemetry_meta(data))}
-        # A server's first packets arrive as a {:quic_packets, _} message
-        # from its listener.
-        actions = [
-          {{:timeout, :handshake}, args.handshake_timeout, :expired},
-          {:next_event, :internal, {:init, []}}
-        ]
+    case open(args) do
+      {:ok, data, actions} -> {:ok, :handshaking, data, actions}
+      # A shutdown exit: the caller gets {:error, reason}, nothing logs a crash.
+      {:error, reason} -> {:stop, {:shutdown, reason}}
+    end
+  end
 
-        {:ok, :handshaking, data, actions}
+  defp open(args) do
+    with {:ok, data} <- Setup.open(args) do
+      data = %{data | started_at: Telemetry.start(:connection, Reports.telemetry_meta(data))}
+      # A server's first packets arrive as a {:quic_packets, _} message
+      # from its listener.
+      actions = [
+        {{:timeout, :handshake}, args.handshake_timeout, :expired},
+        {:next_event, :internal, {:init, []}}
+      ]
 
-      {:error, reason} ->
-        # A shutdown exit: the caller gets {:error, reason}, nothing logs a crash.
-        {:stop, {:shutdown, reason}}
+      {:ok, data, actions}
     end
   end
 
   ## State functions
 
   @doc false
+  def handshaking(:internal, :open, {:opening, args}) do
+    case open(args) do
+      {:ok, data, actions} -> {:keep_state, data, actions}
+      {:error, reason} -> {:stop, {:shutdown, reason}}
+    end
+  end
+
   def handshaking(:internal, {:init, packets}, %State{} = data) do
     # A client arms its socket's select by reading once.
     packets =
