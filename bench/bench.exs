@@ -4,6 +4,7 @@
 #     mix run bench/bench.exs -- --only rtt,bulk --runs 1 --bulk-size 104857600
 #     mix run bench/bench.exs -- --idle 100000
 #     mix run bench/bench.exs -- --only dgram --runs 1 --dgram-seconds 10
+#     mix run bench/bench.exs -- --hops   # process hops, NIF calls per request
 #
 # Each scenario runs the Rust baseline (bench/quiche_baseline: quiche over
 # plain UDP sockets, no BEAM) and then the same scenario through the public
@@ -14,6 +15,11 @@
 # Scenarios (`--only` takes a comma-separated list of names):
 #
 #   bulk, bulk_gso       one stream of --bulk-size bytes, client -> server
+#   bulk_loss1, bulk_loss1_paced
+#                        one stream of up to 256 MiB through the baseline's
+#                        relay dropping 1% of datagrams each way, bbr2 on
+#                        both sides; Quichex with pacing off, then on (raw
+#                        quiche sends as soon as quiche produces packets)
 #   rtt_p50 (+ rtt_p99)  64 B request/response on one stream, --rtt-rounds
 #   rtt_streams          64 B request/response, a new stream per request
 #   rtt_close (+ rtt_close_p99)
@@ -22,7 +28,8 @@
 #                        Stream.close); the client waits for that FIN.
 #                        Target: Quichex p50 within 60 us of raw quiche.
 #   handshakes, handshakes_64   sequential / 64 in flight
-#   streams              1000 concurrent streams x 1 MB on one connection
+#   streams, streams_gso 1000 concurrent streams x 1 MB on one connection
+#                        (streams_gso: raw quiche with GSO and GRO)
 #   idle                 memory per idle connection (--idle connections)
 #   dgram (+ dgram_loss) DATAGRAMs (RFC 9221) of --dgram-size bytes (1200)
 #                        echoed by the server for --dgram-seconds (5):
@@ -151,10 +158,15 @@ defmodule Bench do
           cc: :string,
           rtt_rounds: :integer,
           dgram_seconds: :integer,
-          dgram_size: :integer
+          dgram_size: :integer,
+          hops: :boolean
         ]
       )
 
+    if opts[:hops], do: hops_main(opts[:cc]), else: run_main(opts)
+  end
+
+  defp run_main(opts) do
     runs = opts[:runs] || 3
     cc = String.to_atom(opts[:cc] || "cubic")
 
@@ -203,6 +215,92 @@ defmodule Bench do
     report(rows, settings, runs)
   end
 
+  ## Process hops and NIF calls per request
+
+  # `--hops`: one connection, 64 B request/response on one stream (the
+  # rtt scenario), traced on both sides for @hop_rounds rounds: messages
+  # each process receives (socket readiness notices included) and calls
+  # into the NIF, per round.
+  @hop_rounds 2_000
+
+  defp hops_main(cc) do
+    cc = String.to_atom(cc || "cubic")
+    dir = Path.join(System.tmp_dir!(), "quichex-hops-#{System.unique_integer([:positive])}")
+    {cert, key} = self_signed_cert!(dir)
+    env = %{cert: cert, key: key, settings: %{cc: cc}}
+    {listener, port} = start_listener(env, Bench.Echo)
+    conn = connect!(port, cc)
+    {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
+    request = :binary.copy("r", 64)
+
+    round = fn ->
+      :ok = Quichex.Stream.send(stream, request)
+      {:ok, _, false} = Quichex.Stream.recv(stream, length: 64, timeout: 5_000)
+    end
+
+    for _ <- 1..100, do: round.()
+
+    {:ok, [server_conn]} = Quichex.Listener.connections(listener)
+    %{sockets: sockets} = Quichex.Listener.children(listener)
+    {:links, links} = Process.info(server_conn, :links)
+    server_streams = Enum.filter(links, &(is_pid(&1) and &1 not in sockets))
+
+    roles =
+      [
+        {self(), "client: caller"},
+        {conn, "client: connection"},
+        {stream, "client: stream"},
+        {server_conn, "server: connection"}
+      ] ++
+        Enum.map(server_streams, &{&1, "server: stream / handler"}) ++
+        Enum.map(sockets, &{&1, "server: listener socket"})
+
+    tracer = spawn(fn -> hop_tracer(%{}) end)
+    :erlang.trace_pattern({Quichex.Native, :_, :_}, true, [:global])
+    for {pid, _} <- roles, do: :erlang.trace(pid, true, [:receive, :call, {:tracer, tracer}])
+    for _ <- 1..@hop_rounds, do: round.()
+    for {pid, _} <- roles, do: :erlang.trace(pid, false, [:receive, :call])
+    :erlang.trace_pattern({Quichex.Native, :_, :_}, false, [:global])
+    send(tracer, {:done, self()})
+    counts = receive do: ({:counts, counts} -> counts)
+
+    IO.puts("per 64 B request/response (#{@hop_rounds} rounds, one stream, #{cc}):")
+    IO.puts("| process | messages received | NIF calls |\n|---|---|---|")
+
+    for {pid, role} <- roles do
+      msgs = Map.get(counts, {pid, :receive}, 0) / @hop_rounds
+      nifs = counts |> Enum.filter(&match?({{^pid, {:call, _}}, _}, &1)) |> Enum.map(&elem(&1, 1))
+
+      detail =
+        counts
+        |> Enum.filter(&match?({{^pid, {:call, _}}, _}, &1))
+        |> Enum.map_join(", ", fn {{_, {:call, f}}, n} ->
+          "#{f} #{Float.round(n / @hop_rounds, 2)}"
+        end)
+
+      IO.puts(
+        "| #{role} | #{Float.round(msgs, 2)} | #{Float.round(Enum.sum(nifs) / @hop_rounds, 2)} (#{detail}) |"
+      )
+    end
+
+    :ok = Quichex.Connection.close(conn)
+    Quichex.Listener.stop(listener)
+    File.rm_rf(dir)
+  end
+
+  defp hop_tracer(counts) do
+    receive do
+      {:trace, pid, :receive, _msg} ->
+        hop_tracer(Map.update(counts, {pid, :receive}, 1, &(&1 + 1)))
+
+      {:trace, pid, :call, {_m, f, _a}} ->
+        hop_tracer(Map.update(counts, {pid, {:call, f}}, 1, &(&1 + 1)))
+
+      {:done, from} ->
+        send(from, {:counts, counts})
+    end
+  end
+
   ## Scenarios
 
   defp scenarios(s) do
@@ -227,6 +325,25 @@ defmodule Bench do
             "--gro"
           ]),
         quichex: &with_listener(&1, Bench.Sink, fn port -> bulk(port, s.bulk_size, s.cc) end)
+      },
+      %{
+        name: "bulk_loss1",
+        desc:
+          "one stream, #{div(loss_size(s), 1_048_576)} MiB client -> server through a relay dropping 1% each way, bbr2, Quichex pacing off",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline: &baseline_lossy(&1, ["--scenario", "bulk", "--size", "#{loss_size(s)}"]),
+        quichex: &bulk_lossy(&1, loss_size(s), false)
+      },
+      %{
+        name: "bulk_loss1_paced",
+        desc: "as bulk_loss1, Quichex pacing on (quiche's SendInfo.at, batches of send_quantum)",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline: &baseline_lossy(&1, ["--scenario", "bulk", "--size", "#{loss_size(s)}"]),
+        quichex: &bulk_lossy(&1, loss_size(s), true)
       },
       %{
         name: "rtt_p50",
@@ -317,6 +434,22 @@ defmodule Bench do
             "--size",
             "1048576"
           ]),
+        quichex:
+          &with_listener(&1, Bench.Sink, fn port -> streams(port, 1_000, 1_048_576, s.cc) end)
+      },
+      %{
+        name: "streams_gso",
+        desc: "as streams, against raw quiche with UDP GSO (client) and GRO (server)",
+        metric: :mb_per_s,
+        unit: "MB/s",
+        better: :higher,
+        baseline:
+          &baseline(
+            &1,
+            "sink",
+            ["--scenario", "streams", "--streams", "1000", "--size", "1048576", "--gso"],
+            ["--gro"]
+          ),
         quichex:
           &with_listener(&1, Bench.Sink, fn port -> streams(port, 1_000, 1_048_576, s.cc) end)
       },
@@ -428,6 +561,84 @@ defmodule Bench do
     seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
     :ok = Quichex.Connection.close(conn)
     %{bytes: size, seconds: seconds, mb_per_s: size / seconds / 1_000_000}
+  end
+
+  # The loss scenarios: bbr2 on both sides (quiche 0.30 paces only with
+  # it), through the baseline's lossy relay (the same for both sides).
+  @loss_permille 10
+
+  defp loss_size(s), do: min(s.bulk_size, 268_435_456)
+
+  defp lossy_env(env), do: put_in(env.settings.cc, :bbr2)
+
+  defp baseline_lossy(env, client_args) do
+    env = lossy_env(env)
+    server = start_baseline_server(env, "sink", [])
+    proxy = start_proxy(env, server.port)
+
+    try do
+      {out, status} =
+        System.cmd(
+          env.baseline,
+          ["client", "--port", "#{proxy.port}", "--cc", "bbr2" | client_args],
+          stderr_to_stdout: true
+        )
+
+      if status != 0, do: raise("baseline client failed: #{out}")
+      out |> String.split("\n", trim: true) |> List.last() |> parse_json()
+    after
+      stop_port(proxy.port_ref)
+      stop_port(server.port_ref)
+    end
+  end
+
+  defp bulk_lossy(env, size, pacing) do
+    env = lossy_env(env)
+    {listener, port} = start_listener(env, Bench.Sink, enable_pacing: pacing)
+    proxy = start_proxy(env, port)
+
+    try do
+      {:ok, conn} =
+        Quichex.Connection.connect(
+          host: "127.0.0.1",
+          port: proxy.port,
+          config: client_config(:bbr2, enable_pacing: pacing),
+          active: false
+        )
+
+      :ok = Quichex.Connection.wait_connected(conn, timeout: 10_000)
+      chunk = :binary.copy(<<0xAB>>, 1_048_576)
+      {:ok, stream} = Quichex.Connection.open_stream(conn, :bidirectional, active: false)
+      started = System.monotonic_time(:microsecond)
+      send_bytes(stream, chunk, size)
+      {:ok, "ok", true} = recv_all(stream)
+      seconds = (System.monotonic_time(:microsecond) - started) / 1_000_000
+      {:ok, stats} = Quichex.Connection.stats(conn)
+      :ok = Quichex.Connection.close(conn)
+
+      %{
+        bytes: size,
+        seconds: seconds,
+        mb_per_s: size / seconds / 1_000_000,
+        packets_lost: stats[:packets_lost]
+      }
+    after
+      stop_port(proxy.port_ref)
+      Quichex.Listener.stop(listener)
+    end
+  end
+
+  defp start_proxy(env, upstream) do
+    port_ref =
+      Port.open({:spawn_executable, env.baseline}, [
+        :binary,
+        :exit_status,
+        {:line, 65_536},
+        args: ["proxy", "--upstream", "#{upstream}", "--loss-permille", "#{@loss_permille}"]
+      ])
+
+    "LISTENING " <> port = wait_line(port_ref, "LISTENING", 10_000)
+    %{port_ref: port_ref, port: String.to_integer(port)}
   end
 
   defp send_bytes(stream, chunk, left) when left <= byte_size(chunk) do

@@ -569,15 +569,96 @@ fn main() {
             }
         }
         "client" => client::run(&args),
+        "proxy" => {
+            if let Err(e) = proxy::run(&args) {
+                eprintln!("proxy error: {e}");
+                std::process::exit(1);
+            }
+        }
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close|dgram_echo [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle|dgram [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--seconds S] [--window N] [--gso] [--gro] [--timeout S]"
+        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close|dgram_echo [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle|dgram [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--seconds S] [--window N] [--gso] [--gro] [--timeout S]\n  quiche_baseline proxy --upstream PORT [--loss-permille N] [--seed N]"
     );
     std::process::exit(2);
+}
+
+// ---------------------------------------------------------------------------
+// Proxy: a lossy UDP relay on loopback, the same for both sides of a scenario
+// ---------------------------------------------------------------------------
+
+mod proxy {
+    use super::*;
+    use std::net::{SocketAddr, UdpSocket};
+    use std::sync::{Arc, Mutex};
+
+    /// xorshift64: the same drop pattern for the same seed, cheap per packet.
+    struct Dice(u64);
+
+    impl Dice {
+        fn drop(&mut self, permille: u64) -> bool {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % 1000 < permille
+        }
+    }
+
+    /// Relays datagrams between one client (the first address that sends to
+    /// it) and the upstream port, dropping `--loss-permille` of them each
+    /// way. Prints `LISTENING <port>`; exits when stdin closes.
+    pub fn run(args: &Args) -> Res<()> {
+        let upstream: SocketAddr = format!("127.0.0.1:{}", args.num("upstream", 0)?)
+            .parse()
+            .map_err(|e| format!("--upstream: {e}"))?;
+        let permille = args.num("loss-permille", 10)?.min(1000);
+        let seed = args.num("seed", 0x9e37_79b9_7f4a_7c15)?.max(1);
+        let front = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let back = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        back.connect(upstream).map_err(|e| e.to_string())?;
+        let port = front.local_addr().map_err(|e| e.to_string())?.port();
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+
+        let (f1, b1, c1) = (front.try_clone(), back.try_clone(), client.clone());
+        let (f1, b1) = (
+            f1.map_err(|e| e.to_string())?,
+            b1.map_err(|e| e.to_string())?,
+        );
+        std::thread::spawn(move || {
+            let mut dice = Dice(seed);
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = f1.recv_from(&mut buf) {
+                if let Ok(mut c) = c1.lock() {
+                    *c = Some(from);
+                }
+                if !dice.drop(permille) {
+                    let _ = b1.send(&buf[..n]);
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            let mut dice = Dice(seed.rotate_left(32) | 1);
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut buf) {
+                let to = client.lock().ok().and_then(|c| *c);
+                if let Some(to) = to {
+                    if !dice.drop(permille) {
+                        let _ = front.send_to(&buf[..n], to);
+                    }
+                }
+            }
+        });
+
+        println!("LISTENING {port}");
+        let mut acc = Vec::new();
+        while !read_stdin(&mut acc) {
+            acc.clear();
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------
