@@ -31,7 +31,10 @@ defmodule Quichex.MixProject do
     ]
   end
 
-  # lib/mix holds the NIF compiler, loaded above by mix.exs itself.
-  defp elixirc_paths(:test), do: ["lib/quichex.ex", "lib/quichex", "test/support"]
-  defp elixirc_paths(_), do: ["lib/quichex.ex", "lib/quichex"]
+  # lib/mix holds the NIF compiler, loaded above by mix.exs itself, and the
+  # mix quichex.gen.cert task, compiled with the library.
+  defp elixirc_paths(:test), do: elixirc_paths(:prod) ++ ["test/support"]
+
+  defp elixirc_paths(_),
+    do: ["lib/quichex.ex", "lib/quichex", "lib/mix/tasks/quichex.gen.cert.ex"]
 end

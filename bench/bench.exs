@@ -188,7 +188,7 @@ defmodule Bench do
       end
 
     dir = Path.join(System.tmp_dir!(), "quichex-bench-#{System.unique_integer([:positive])}")
-    {cert, key} = self_signed_cert!(dir)
+    %{cert: cert, key: key} = Quichex.DevCert.write!(output: Path.join(dir, "selfsigned"))
     baseline = build_baseline!()
 
     env = %{cert: cert, key: key, baseline: baseline, settings: settings}
@@ -1222,22 +1222,6 @@ defmodule Bench do
       _ ->
         0
     end
-  end
-
-  defp self_signed_cert!(dir) do
-    File.mkdir_p!(dir)
-    cert = Path.join(dir, "cert.pem")
-    key = Path.join(dir, "key.pem")
-
-    {_, 0} =
-      System.cmd(
-        "openssl",
-        ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1
-           -subj /CN=localhost -keyout #{key} -out #{cert}),
-        stderr_to_stdout: true
-      )
-
-    {cert, key}
   end
 end
 

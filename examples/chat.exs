@@ -8,8 +8,10 @@
 # to every registered handler process, and each one writes it to its own
 # client's stream. Three clients on loopback join, each sends a few lines,
 # and the script checks that every client received every message, in each
-# sender's order, then prints the conversation. A self-signed certificate is
-# made with the openssl CLI in a temporary directory, removed at the end.
+# sender's order, then prints the conversation. The self-signed certificate
+# comes from Quichex.DevCert (what `mix quichex.gen.cert` writes), in a
+# temporary directory removed at the end. The script is short already:
+# `make test` runs it as it is.
 
 defmodule Chat.Room do
   @moduledoc "Serves one client stream of the chat: joins the room, broadcasts its lines."
@@ -85,7 +87,7 @@ defmodule Chat do
   end
 
   defp chat(dir) do
-    {cert, key} = self_signed_cert!(dir)
+    %{cert: cert, key: key} = Quichex.DevCert.write!(output: Path.join(dir, "selfsigned"))
     {:ok, _} = Registry.start_link(keys: :duplicate, name: Chat.Registry)
 
     server_config =
@@ -218,23 +220,6 @@ defmodule Chat do
     parts = String.split(buffer <> data, "\n")
     lines = Enum.drop(parts, -1)
     read_lines(stream, List.last(parts), count, Enum.reverse(lines, acc))
-  end
-
-  defp self_signed_cert!(dir) do
-    File.mkdir_p!(dir)
-    cert = Path.join(dir, "cert.pem")
-    key = Path.join(dir, "key.pem")
-
-    {_, 0} =
-      System.cmd(
-        "openssl",
-        ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1
-           -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
-           -keyout #{key} -out #{cert}),
-        stderr_to_stdout: true
-      )
-
-    {cert, key}
   end
 end
 

@@ -11,8 +11,10 @@
 # counts those that come back out of order, and prints how many were sent,
 # echoed and lost, and the rate. Datagrams are never retransmitted, so some
 # loss is allowed; a corrupted echo fails the run. Every wait is bounded: the
-# script ends within a few seconds. A self-signed certificate is made with
-# the openssl CLI in a temporary directory, removed at the end.
+# script ends within a few seconds. The self-signed certificate comes from
+# Quichex.DevCert (what `mix quichex.gen.cert` writes), in a temporary
+# directory removed at the end. With QUICHEX_EXAMPLE_SHORT=1 (how `make test`
+# runs every example) it sends 500 datagrams.
 
 defmodule Demo.DgramEcho do
   @moduledoc "Sends every datagram back to the peer; one the full send queue refuses is dropped."
@@ -26,7 +28,7 @@ defmodule Demo.DgramEcho do
 end
 
 defmodule Demo do
-  @count 5_000
+  @count if System.get_env("QUICHEX_EXAMPLE_SHORT") in ["1", "true"], do: 500, else: 5_000
   @size 1_000
   @alpn "quichex-dgram"
   # Sending gives up after this long (a stalled connection cannot hang the script).
@@ -38,7 +40,7 @@ defmodule Demo do
 
   def run do
     dir = Path.join(System.tmp_dir!(), "quichex-dgram-#{System.unique_integer([:positive])}")
-    {cert, key} = self_signed_cert!(dir)
+    %{cert: cert, key: key} = Quichex.DevCert.write!(output: Path.join(dir, "selfsigned"))
 
     server_config =
       Quichex.Config.new(
@@ -199,23 +201,6 @@ defmodule Demo do
   end
 
   defp echoed(acc, _short), do: %{acc | corrupt: acc.corrupt + 1}
-
-  defp self_signed_cert!(dir) do
-    File.mkdir_p!(dir)
-    cert = Path.join(dir, "cert.pem")
-    key = Path.join(dir, "key.pem")
-
-    {_, 0} =
-      System.cmd(
-        "openssl",
-        ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1
-           -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
-           -keyout #{key} -out #{cert}),
-        stderr_to_stdout: true
-      )
-
-    {cert, key}
-  end
 end
 
 Demo.run()

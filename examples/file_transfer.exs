@@ -7,8 +7,10 @@
 # directory, sends it in 256 KiB chunks (each `Quichex.Stream.send/3` returns
 # only once quiche has taken the chunk, so flow control paces the loop),
 # prints progress and MB/s, and checks the server's digest against its own.
-# A self-signed certificate is made with the openssl CLI in the same
-# temporary directory, which is removed at the end. Loopback only.
+# The self-signed certificate comes from Quichex.DevCert (what
+# `mix quichex.gen.cert` writes), in the same temporary directory, which is
+# removed at the end. Loopback only. With QUICHEX_EXAMPLE_SHORT=1 (how
+# `make test` runs every example) the file is 2 MiB.
 
 defmodule FileTransfer.Sink do
   @moduledoc "Hashes a stream's bytes; on FIN, replies with the digest and the byte count."
@@ -37,7 +39,9 @@ defmodule FileTransfer.Sink do
 end
 
 defmodule FileTransfer do
-  @size 50 * 1024 * 1024
+  @size if System.get_env("QUICHEX_EXAMPLE_SHORT") in ["1", "true"],
+          do: 2 * 1024 * 1024,
+          else: 50 * 1024 * 1024
   @chunk 256 * 1024
   @alpn "quichex-file"
 
@@ -55,7 +59,7 @@ defmodule FileTransfer do
   end
 
   defp transfer(dir) do
-    {cert, key} = self_signed_cert!(dir)
+    %{cert: cert, key: key} = Quichex.DevCert.write!(output: Path.join(dir, "selfsigned"))
     path = generate_file!(dir)
 
     server_config =
@@ -173,23 +177,6 @@ defmodule FileTransfer do
     end)
 
     path
-  end
-
-  defp self_signed_cert!(dir) do
-    File.mkdir_p!(dir)
-    cert = Path.join(dir, "cert.pem")
-    key = Path.join(dir, "key.pem")
-
-    {_, 0} =
-      System.cmd(
-        "openssl",
-        ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1
-           -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
-           -keyout #{key} -out #{cert}),
-        stderr_to_stdout: true
-      )
-
-    {cert, key}
   end
 end
 
