@@ -29,11 +29,30 @@ defmodule Quichex.CIDGenerator do
         connection_id_generator: {MyApp.NodeCIDs, 7}
       )
 
-  The default makes random IDs (`Quichex.CIDGenerator.Random`).
+  The default makes random IDs (`Quichex.CIDGenerator.Random`);
+  `Quichex.CIDGenerator.QuicLB` makes the routable IDs of QUIC-LB
+  (draft-ietf-quic-load-balancers) for load balancers that decode them.
+
+  ## Preparing options once
+
+  `generate_cid/2` is called for every connection ID. A generator with
+  costly setup (validating options, preparing keys, a counter shared by all
+  the connections) defines the optional `prepare/1`: it is called once, where
+  the option is given (`Quichex.Listener.start_link/1`,
+  `Quichex.Connection.connect/1`), and what it returns is passed to every
+  `generate_cid/2` instead of the options. (It is not called `init/1` so
+  that a module that is also, say, a `GenServer` can be a generator.) It may raise `ArgumentError` for
+  bad options, which then fails the call that was given them. A generator
+  without `prepare/1` gets its options as given.
   """
 
   @doc "Returns a new connection ID of exactly `length` bytes."
-  @callback generate_cid(length :: pos_integer(), options :: term()) :: binary()
+  @callback generate_cid(length :: pos_integer(), options_or_state :: term()) :: binary()
+
+  @doc "Prepares `options` once; the result is passed to every `generate_cid/2`."
+  @callback prepare(options :: term()) :: state :: term()
+
+  @optional_callbacks prepare: 1
 end
 
 defmodule Quichex.CIDGenerator.Random do

@@ -90,7 +90,7 @@ defmodule Quichex.Listener do
       type: :any,
       default: nil,
       doc:
-        "A `Quichex.CIDGenerator` module, or `{module, options}`, that makes every connection ID of this listener's connections (e.g. to encode a node for a load balancer)."
+        "A `Quichex.CIDGenerator` module, or `{module, options}`, that makes every connection ID of this listener's connections (e.g. to encode a node for a load balancer: `Quichex.CIDGenerator.QuicLB`, see the deployment guide)."
     ],
     accept_early_data: [
       type: :any,

@@ -16,16 +16,28 @@ defmodule Quichex.Connection.CID do
 
   @doc false
   # `module` or `{module, options}`: raises ArgumentError naming `option`.
+  # A generator with prepare/1 gets its options prepared here, once.
   def generator!(nil, _option), do: @default
   def generator!(module, option) when is_atom(module), do: generator!({module, []}, option)
 
-  def generator!({module, _options} = generator, option) when is_atom(module) do
+  def generator!({module, options}, option) when is_atom(module) do
     unless Code.ensure_loaded?(module) and function_exported?(module, :generate_cid, 2) do
       raise ArgumentError,
             "invalid value for option #{inspect(option)}: #{inspect(module)} does not implement Quichex.CIDGenerator"
     end
 
-    generator
+    if function_exported?(module, :prepare, 1) do
+      try do
+        {module, module.prepare(options)}
+      rescue
+        error in ArgumentError ->
+          reraise ArgumentError,
+                  "invalid value for option #{inspect(option)}: #{Exception.message(error)}",
+                  __STACKTRACE__
+      end
+    else
+      {module, options}
+    end
   end
 
   def generator!(other, option) do
