@@ -543,7 +543,8 @@ defmodule Quichex.APISafetyTest do
   }
 
   @calls_per_case 4
-  @cases 250
+  # Ten times as many under `make soak` (QUICHEX_SOAK=full).
+  @cases Quichex.Test.Soak.size(2_500, 250)
   # How long a call that may rightly wait (on a process of its kind, or one
   # that never answers) is watched before it is stopped; how long any
   # other call may take on a busy machine.
