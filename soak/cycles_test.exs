@@ -28,7 +28,7 @@ defmodule Quichex.Soak.CyclesTest do
     1..16 |> Task.async_stream(cycle, max_concurrency: 8) |> Elixir.Stream.run()
     idle = fn -> match?({:ok, %{connections: 0, routes: 0}}, Listener.stats(listener)) end
     eventually(idle, 15_000, 20)
-    base = Soak.snapshot()
+    base = Soak.idle_baseline()
     started = Soak.now_ms()
 
     1..count

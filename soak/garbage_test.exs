@@ -30,7 +30,7 @@ defmodule Quichex.Soak.GarbageTest do
     eventually(fn -> match?({:ok, %{connections: 0}}, Listener.stats(listener)) end, 5_000, 20)
     [template | _] = hd(first_flights(1, {@loopback, port}))
 
-    base = Soak.snapshot()
+    base = Soak.idle_baseline()
     started = Soak.now_ms()
 
     # In a task, so the random pool and the counts go with it.

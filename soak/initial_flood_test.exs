@@ -55,7 +55,7 @@ defmodule Quichex.Soak.InitialFloodTest do
     {listener, port} = listener!(retry: :always)
     %{connections: sup} = Listener.children(listener)
     flights = first_flights(count, {@loopback, port})
-    base = Soak.snapshot()
+    base = Soak.idle_baseline()
     started = Soak.now_ms()
 
     watcher =
@@ -102,7 +102,7 @@ defmodule Quichex.Soak.InitialFloodTest do
 
     %{connections: sup} = Listener.children(listener)
     flights = first_flights(count, {@loopback, port})
-    base = Soak.snapshot()
+    base = Soak.idle_baseline()
     started = Soak.now_ms()
     watcher = watch(fn -> DynamicSupervisor.count_children(sup).active end)
     result = flood(listener, port, flights)

@@ -55,7 +55,7 @@ defmodule Quichex.Soak.OwnerKillTest do
     # Warm up, so what starts lazily is there before counting.
     kill_one(port)
     eventually(idle, 10_000, 20)
-    base = Soak.snapshot()
+    base = Soak.idle_baseline()
     started = Soak.now_ms()
 
     gone_ms =

@@ -747,6 +747,49 @@ defmodule Quichex.APISafetyTest do
     ])
   end
 
+  # Each value of @values in turn as every argument but the process one,
+  # which is a dead pid, then the value too: a deterministic complement to
+  # the property's random draws, so that no function and no kind of value
+  # is left to chance. Nothing is alive to wait on: every call answers at
+  # once.
+  test "sweep: every public function, given a dead pid and each value of every type, " <>
+         "returns {:error, _} or raises ArgumentError at once",
+       ctx do
+    calls =
+      for mfa <- functions(), value <- @values, as_target <- [false, true], uniq: true do
+        {mfa, sweep_args(mfa, value, as_target)}
+      end
+
+    for {mfa, args} <- calls do
+      outcome = run(mfa, args, %{}, {:must_finish, @must_answer})
+
+      case verdict(mfa, class(mfa, args), outcome) do
+        :ok ->
+          :ok
+
+        why ->
+          flunk("""
+          #{inspect(mfa)} given #{inspect(args, limit: 8)}: #{why}
+          outcome: #{inspect(outcome, limit: 20)}
+          """)
+      end
+    end
+
+    assert length(calls) > 100 * length(@values)
+    assert_nothing_logged(ctx)
+  end
+
+  defp sweep_args({_mod, _name, arity} = mfa, value, as_target) do
+    target = target(mfa)
+
+    for i <- 0..(arity - 1)//1 do
+      case target do
+        {^i, _kind} when not as_target -> {:"$pid", :dead}
+        _ -> value
+      end
+    end
+  end
+
   ## Running one call
 
   defp safe_call?({mfa, args}, bystanders, watch) do

@@ -64,6 +64,25 @@ defmodule Quichex.Test.Soak do
   end
 
   @doc """
+  The baseline of a scenario with no connection open: waits (up to 5 s)
+  for the connections of earlier work to be freed, so they do not count
+  as headroom, then takes a snapshot.
+  """
+  def idle_baseline do
+    deadline = now_ms() + 5_000
+    idle_wait(deadline)
+    snapshot()
+  end
+
+  defp idle_wait(deadline) do
+    if Quichex.Native.connection_live_count() > 0 and now_ms() < deadline do
+      for pid <- Process.list(), do: :erlang.garbage_collect(pid)
+      Process.sleep(20)
+      idle_wait(deadline)
+    end
+  end
+
+  @doc """
   Waits (up to `timeout`) until every count is back to at most its baseline
   and memory within `slack` bytes of it (ETS within `slack` too); returns
   the last snapshot. Fails naming what did not come back.
