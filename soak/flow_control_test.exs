@@ -91,6 +91,14 @@ defmodule Quichex.Soak.FlowControlTest do
     end
   end
 
+  # Closes the connection: both sides end and everything comes back.
+  defp finish!(listener, conn, base, started, name) do
+    :ok = Connection.close(conn)
+    eventually(fn -> match?({:ok, %{connections: 0}}, Listener.stats(listener)) end, 10_000, 20)
+    after_ = Soak.back_to_baseline!(base, 5 * 1_048_576)
+    Soak.report(name, started, base, after_)
+  end
+
   defp wait(ms) do
     receive do
     after
@@ -124,16 +132,14 @@ defmodule Quichex.Soak.FlowControlTest do
            "memory grew by #{most - base.memory} bytes"
 
     assert Enum.all?(opened, &Process.alive?/1)
-    :ok = Connection.close(conn)
-    eventually(fn -> match?({:ok, %{connections: 0}}, Listener.stats(listener)) end, 10_000, 20)
-    after_ = Soak.back_to_baseline!(base, 5 * 1_048_576)
 
-    Soak.report(
-      "#{streams} streams never read for #{duration} ms " <>
-        "(peak +#{Float.round((most - base.memory) / 1_048_576, 1)} MB, #{poured} bytes poured)",
-      started,
+    finish!(
+      listener,
+      conn,
       base,
-      after_
+      started,
+      "#{streams} streams never read for #{duration} ms " <>
+        "(peak +#{Float.round((most - base.memory) / 1_048_576, 1)} MB, #{poured} bytes poured)"
     )
   end
 
@@ -161,16 +167,13 @@ defmodule Quichex.Soak.FlowControlTest do
     assert poured <= read + per_stream(), "#{poured} bytes poured for #{read} read"
     assert most - base.memory <= 2 * per_stream() + 4 * 1_048_576
 
-    :ok = Connection.close(conn)
-    eventually(fn -> match?({:ok, %{connections: 0}}, Listener.stats(listener)) end, 10_000, 20)
-    after_ = Soak.back_to_baseline!(base, 5 * 1_048_576)
-
-    Soak.report(
-      "1 byte per 10 ms for #{duration} ms from a 100 MB sender " <>
-        "(#{read} bytes read, peak +#{Float.round((most - base.memory) / 1_048_576, 2)} MB)",
-      started,
+    finish!(
+      listener,
+      conn,
       base,
-      after_
+      started,
+      "1 byte per 10 ms for #{duration} ms from a 100 MB " <>
+        "sender (#{read} bytes read, peak +#{Float.round((most - base.memory) / 1_048_576, 2)} MB)"
     )
   end
 end
