@@ -1,7 +1,7 @@
 [
   inputs: [
     "{mix,.formatter}.exs",
-    "{config,lib,test,integration,examples,bench}/**/*.{ex,exs}"
+    "{config,lib,test,integration,soak,examples,bench}/**/*.{ex,exs}"
   ],
   locals_without_parens: []
 ]

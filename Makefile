@@ -1,6 +1,7 @@
 # Quichex: two commands on a fresh Debian machine.
 #   make demo   installs what is missing, builds, runs the echo demo on loopback
 #   make test   installs what is missing, builds, runs every test and gate
+#   make soak   the soak and abuse suite at full size (10 minutes at most)
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export MIX_ENV ?= test
@@ -15,7 +16,7 @@ export QUICHEX_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export QUICHEX_QUINN_PEER := $(CURDIR)/$(QUINN_PEER)
 APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl ngtcp2-client ngtcp2-server
 
-.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates interop bench clean
+.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates interop soak bench clean
 
 all: build
 
@@ -81,6 +82,14 @@ test: gates test-rust test-elixir
 
 interop: deps deps-peers
 	mix test integration
+
+## soak: the soak and abuse suite (soak/, issue 15) at full size, with the
+## API property at ten times its cases; loopback only, killed after 10 minutes.
+## `make test` runs the same tests in a short form (QUICHEX_SOAK unset).
+soak: export QUICHEX_SOAK := full
+soak: deps
+	mix compile
+	timeout --kill-after=10 600 mix test soak test/quichex/api_safety_test.exs
 
 clean:
 	rm -rf _build priv/native

@@ -17,7 +17,7 @@ defmodule Quichex.MixProject do
       description: "QUIC transport for Elixir: a sans-IO Rust NIF over cloudflare quiche",
       package: [licenses: ["BSD-2-Clause"]],
       docs: [main: "readme", extras: ["README.md" | Path.wildcard("guides/*.md")]],
-      test_paths: ["test", "integration"],
+      test_paths: ["test", "integration", "soak"],
       dialyzer: [plt_add_apps: [:mix]],
       # PropEr comes from Debian's erlang-proper and is used by tests only.
       xref: [exclude: [:proper, :proper_types]]

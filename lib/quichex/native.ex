@@ -40,6 +40,8 @@ defmodule Quichex.Native do
   def connection_close(_conn, _app?, _code, _reason), do: err()
   def connection_stats(_conn), do: err()
   def connection_info(_conn), do: err()
+  # Connection resources alive in the VM (for leak tests).
+  def connection_live_count, do: err()
 
   # driver
   def connection_poll(_conn, _packets, _to, _timer?, _credits, _commands), do: err()

@@ -72,10 +72,14 @@ defmodule Quichex.APISafetyTest do
   # A listener serving Echo, a client connection, and a stream on it (the
   # test process owns both), with the server's processes. The listener is
   # not linked to the test process: tests stop it, or it goes with the VM.
+  # No idle timeout: under `make soak` the property keeps a world for
+  # longer than the default 30 s without traffic.
+  @no_idle [config_opts: [max_idle_timeout: 0]]
+
   defp build_world do
-    {listener, port} = start_listener(handler: Echo, handler_options: self())
+    {listener, port} = start_listener([handler: Echo, handler_options: self()] ++ @no_idle)
     Process.unlink(listener)
-    conn = connect!(port)
+    conn = connect!(port, @no_idle)
     {:ok, [server_conn]} = Listener.connections(listener)
     assert_receive {:echo_connection, ^server_conn, handler_conn}
     {:ok, stream} = Connection.open_stream(conn, :bidirectional, active: false)
@@ -543,7 +547,8 @@ defmodule Quichex.APISafetyTest do
   }
 
   @calls_per_case 4
-  @cases 250
+  # Ten times as many under `make soak` (QUICHEX_SOAK=full).
+  @cases Quichex.Test.Soak.size(2_500, 250)
   # How long a call that may rightly wait (on a process of its kind, or one
   # that never answers) is watched before it is stopped; how long any
   # other call may take on a busy machine.
@@ -746,6 +751,49 @@ defmodule Quichex.APISafetyTest do
     ])
   end
 
+  # Each value of @values in turn as every argument but the process one,
+  # which is a dead pid, then the value too: a deterministic complement to
+  # the property's random draws, so that no function and no kind of value
+  # is left to chance. Nothing is alive to wait on: every call answers at
+  # once.
+  test "sweep: every public function, given a dead pid and each value of every type, " <>
+         "returns {:error, _} or raises ArgumentError at once",
+       ctx do
+    calls =
+      for mfa <- functions(), value <- @values, as_target <- [false, true], uniq: true do
+        {mfa, sweep_args(mfa, value, as_target)}
+      end
+
+    for {mfa, args} <- calls do
+      outcome = run(mfa, args, %{}, {:must_finish, @must_answer})
+
+      case verdict(mfa, class(mfa, args), outcome) do
+        :ok ->
+          :ok
+
+        why ->
+          flunk("""
+          #{inspect(mfa)} given #{inspect(args, limit: 8)}: #{why}
+          outcome: #{inspect(outcome, limit: 20)}
+          """)
+      end
+    end
+
+    assert length(calls) > 100 * length(@values)
+    assert_nothing_logged(ctx)
+  end
+
+  defp sweep_args({_mod, _name, arity} = mfa, value, as_target) do
+    target = target(mfa)
+
+    for i <- 0..(arity - 1)//1 do
+      case target do
+        {^i, _kind} when not as_target -> {:"$pid", :dead}
+        _ -> value
+      end
+    end
+  end
+
   ## Running one call
 
   defp safe_call?({mfa, args}, bystanders, watch) do
@@ -871,8 +919,8 @@ defmodule Quichex.APISafetyTest do
   # A process that must answer at once gets @must_answer ms; a call that
   # may rightly wait gets its timeout plus grace, or is watched
   # @watch_waiting ms when that is longer.
-  defp deadline(class, _mfa, args) when class in [:right, :foreign] do
-    case timeout_of(args) do
+  defp deadline(class, mfa, args) when class in [:right, :foreign] do
+    case timeout_of(mfa, args) do
       :infinity ->
         {:may_wait, @watch_waiting}
 
@@ -886,9 +934,14 @@ defmodule Quichex.APISafetyTest do
 
   defp deadline(_class, _mfa, _args), do: {:must_finish, @must_answer}
 
-  defp timeout_of(args) do
+  # Listener.stop/2 takes its timeout as an argument; every other function
+  # in a :timeout option (an integer argument is something else, such as
+  # path_stats/3's path id).
+  defp timeout_of({Listener, :stop, 2}, [_listener, ms]) when is_integer(ms) and ms in 0..@max,
+    do: ms
+
+  defp timeout_of(_mfa, args) do
     Enum.find_value(args, 5_000, fn
-      ms when is_integer(ms) and ms in 0..@max -> ms
       list when is_list(list) -> valid_timeout(list)
       _ -> nil
     end)
@@ -1046,9 +1099,9 @@ defmodule Quichex.APISafetyTest do
   ## The victims
 
   defp build_group2 do
-    {listener, port} = start_listener(connection_handler: Holder)
+    {listener, port} = start_listener([connection_handler: Holder] ++ @no_idle)
     Process.unlink(listener)
-    conn = connect!(port)
+    conn = connect!(port, @no_idle)
     {:ok, [server_conn]} = Listener.connections(listener)
     assert_receive {:holder, ^server_conn, runner}
     %{listener2: listener, conn2: conn, server_conn2: server_conn, runner: runner}

@@ -41,6 +41,33 @@ defmodule Quichex.LeakTest do
     Listener.stop(listener)
   end
 
+  # VM-wide, so here with the sync tests: no other test makes connections now.
+  test "the NIF counts connection resources until the VM frees them" do
+    # Once what earlier tests made is freed.
+    %{native_connections: before} = Quichex.Test.Soak.idle_baseline()
+    {:ok, config} = Quichex.Config.build(client_config(), :client)
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        {:ok, _conn} =
+          Quichex.Native.connection_connect(
+            config,
+            "localhost",
+            :crypto.strong_rand_bytes(16),
+            {{127, 0, 0, 1}, 40_000},
+            {{127, 0, 0, 1}, 9},
+            262_144,
+            nil
+          )
+
+        assert Quichex.Native.connection_live_count() == before + 1
+      end)
+
+    assert_receive {:DOWN, ^ref, :process, ^pid, :normal}
+    # Freed with the heap of the process that held it.
+    eventually(fn -> Quichex.Native.connection_live_count() == before end, 5_000, 10)
+  end
+
   defp flush_messages do
     receive do
       _ -> flush_messages()

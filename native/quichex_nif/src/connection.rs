@@ -6,6 +6,7 @@
 //! `driver.rs`; stream bookkeeping in `stream.rs`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rustler::{Binary, Env, NifMap, ResourceArc, Term};
@@ -66,6 +67,22 @@ pub struct ConnResource {
 #[rustler::resource_impl]
 impl rustler::Resource for ConnResource {}
 
+/// Connection resources alive now (made and not yet freed by the VM's
+/// garbage collector): what leak tests count on the native side.
+static LIVE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for ConnResource {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The number of connection resources alive in this VM.
+#[rustler::nif]
+fn connection_live_count() -> u64 {
+    LIVE.load(Ordering::Relaxed)
+}
+
 impl ConnResource {
     pub fn lock(&self) -> Result<MutexGuard<'_, ConnInner>> {
         Ok(self.inner.lock()?)
@@ -80,6 +97,7 @@ fn new_resource(
     amp: Option<Amplification>,
 ) -> ResourceArc<ConnResource> {
     let logs = Logs::start(&mut conn, config);
+    LIVE.fetch_add(1, Ordering::Relaxed);
     ResourceArc::new(ConnResource {
         inner: Mutex::new(ConnInner {
             conn,
