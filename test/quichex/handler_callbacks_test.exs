@@ -85,6 +85,12 @@ defmodule Quichex.HandlerCallbacksTest do
       send(state.test, {:handler_data, data})
       {:continue, state}
     end
+
+    @impl Quichex.Handler
+    def handle_info(msg, stream, state) do
+      send(state.test, {:stream_info, stream, msg})
+      {:continue, state}
+    end
   end
 
   defp listener!(handler) do
@@ -164,6 +170,17 @@ defmodule Quichex.HandlerCallbacksTest do
       assert_receive {:recv, {:error, :active}}
       assert_receive {:setopts, {:error, :handler}, :ok}
       assert_receive {:priority, :ok}
+
+      # From outside, too, a handler's stream cannot be switched to messages.
+      assert {:error, :handler} = Stream.setopts(server_stream, active: true)
+    end
+
+    test "handle_info/3 gets the stream process's other messages", %{stream: stream} do
+      :ok = Stream.send(stream, "inspect")
+      assert_receive {:inspect, server_stream, _, {:ok, _}}
+      ref = make_ref()
+      send(server_stream, {:ping, ref})
+      assert_receive {:stream_info, ^server_stream, {:ping, ^ref}}
     end
 
     test "shutdown(:write) resets our sending side with the code", %{stream: stream} do

@@ -12,9 +12,6 @@ defmodule Quichex.Connection.CID do
   def len, do: @len
 
   @doc false
-  def default_generator, do: @default
-
-  @doc false
   # `module` or `{module, options}`: raises ArgumentError naming `option`.
   def generator!(nil, _option), do: @default
   def generator!(module, option) when is_atom(module), do: generator!({module, []}, option)
