@@ -72,9 +72,12 @@ gates: deps
 	cd bench/quiche_baseline && cargo fmt --check
 
 ## dialyzer: Debian's erlang-dialyzer on the compiled lib/ modules, zero warnings.
-# The PLT holds the OTP and Elixir applications lib/ calls; it is built once
-# under _build/plt (a few minutes), named by the OTP and Elixir versions, and
-# rebuilt when missing; dialyzer refreshes it when those files change.
+# The PLT holds the OTP and Elixir applications lib/ calls (mix: for Mix
+# tasks under lib/mix); it is built once under _build/plt (a few minutes),
+# named by the OTP and Elixir versions and the application list, and rebuilt
+# when missing; dialyzer refreshes it when those files change. The modules
+# checked are every beam of the app except test/support's (compiled into the
+# app when MIX_ENV=test: Quichex.Test.* and its :telemetry stand-in).
 # Warnings, beyond dialyzer's defaults:
 #   -Wunmatched_returns  a discarded {:error, _} or other union result (an
 #                        ignored result must be written `_ = ...`, with a reason)
@@ -86,7 +89,7 @@ gates: deps
 # inferred typing and flag deliberate API contracts (e.g. an error code
 # specced as non_neg_integer() rather than the literal 258).
 DIALYZER_APPS := erts kernel stdlib crypto
-DIALYZER_ELIXIR_APPS := elixir logger
+DIALYZER_ELIXIR_APPS := elixir logger mix
 DIALYZER_FLAGS := -Wunmatched_returns -Werror_handling -Wextra_return -Wmissing_return -Wunknown
 
 dialyzer: build
@@ -94,7 +97,8 @@ dialyzer: build
 	elixir_lib=$$(elixir -e 'IO.write(Path.expand("..", :code.lib_dir(:elixir)))'); \
 	otp=$$(cat "$$(erl -noshell -eval 'io:format("~s", [code:root_dir()]), halt().')/releases/$$(erl -noshell -eval 'io:format("~s", [erlang:system_info(otp_release)]), halt().')/OTP_VERSION"); \
 	ex=$$(elixir -e 'IO.write(System.version())'); \
-	plt=_build/plt/quichex-otp$$otp-elixir$$ex.plt; \
+	apps=$$(echo "$(DIALYZER_APPS) $(DIALYZER_ELIXIR_APPS)" | cksum | cut -d' ' -f1); \
+	plt=_build/plt/quichex-otp$$otp-elixir$$ex-$$apps.plt; \
 	if [ ! -f "$$plt" ]; then \
 	  echo "==> building the dialyzer PLT $$plt (once, a few minutes)"; \
 	  mkdir -p _build/plt; \
@@ -103,7 +107,7 @@ dialyzer: build
 	    { s=$$?; [ $$s -eq 2 ] || exit $$s; }; \
 	  mv "$$plt.tmp" "$$plt"; \
 	fi; \
-	beams=$$(ls _build/$(MIX_ENV)/lib/quichex/ebin/Elixir.Quichex*.beam | grep -v '/Elixir\.Quichex\.Test\.'); \
+	beams=$$(ls _build/$(MIX_ENV)/lib/quichex/ebin/*.beam | grep -v -e '/Elixir\.Quichex\.Test\.' -e '/telemetry\.beam$$'); \
 	echo "==> dialyzer: $$(echo "$$beams" | wc -l) modules of lib/"; \
 	dialyzer -pa "$$elixir_lib/elixir/ebin" --plt "$$plt" $(DIALYZER_FLAGS) $$beams
 

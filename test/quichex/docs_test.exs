@@ -76,8 +76,12 @@ defmodule Quichex.DocsTest do
       assert module in public, "#{inspect(module)} has no public @moduledoc"
     end
 
-    # Anything else public must be a deliberate addition to the list above.
-    assert Enum.sort(public -- @named_public) == []
+    # Anything else public must be a deliberate addition to the list above;
+    # Mix tasks are public by nature (`mix help` shows their moduledoc).
+    unnamed =
+      Enum.reject(public -- @named_public, &String.starts_with?(inspect(&1), "Mix.Tasks."))
+
+    assert unnamed == []
   end
 
   test "every public module's moduledoc is written and shows an example" do
