@@ -16,7 +16,7 @@ export QUICHEX_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export QUICHEX_QUINN_PEER := $(CURDIR)/$(QUINN_PEER)
 APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl ngtcp2-client ngtcp2-server
 
-.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates interop soak bench clean
+.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates dialyzer interop soak bench clean
 
 all: build
 
@@ -72,13 +72,55 @@ gates: deps
 	cd integration/peers/quinn_peer && cargo fmt --check
 	cd bench/quiche_baseline && cargo fmt --check
 
+## dialyzer: Debian's erlang-dialyzer on the compiled lib/ modules, zero warnings.
+# The PLT holds the OTP and Elixir applications lib/ calls (mix: for Mix
+# tasks under lib/mix); it is built once under _build/plt (a few minutes),
+# named by the OTP and Elixir versions and the application list, and rebuilt
+# when missing; dialyzer refreshes it when those files change. The modules
+# checked are every beam of the app except test/support's (compiled into the
+# app when MIX_ENV=test: Quichex.Test.* and its :telemetry stand-in).
+# Warnings, beyond dialyzer's defaults:
+#   -Wunmatched_returns  a discarded {:error, _} or other union result (an
+#                        ignored result must be written `_ = ...`, with a reason)
+#   -Werror_handling     functions that only raise, without a no_return() spec
+#   -Wextra_return       a @spec return type the function never returns
+#   -Wmissing_return     a function that returns more than its @spec says
+#   -Wunknown            calls to modules/functions missing from the PLT or lib
+# Not used: -Wunderspecs/-Woverspecs/-Wspecdiffs compare each @spec with the
+# inferred typing and flag deliberate API contracts (e.g. an error code
+# specced as non_neg_integer() rather than the literal 258).
+DIALYZER_APPS := erts kernel stdlib crypto
+DIALYZER_ELIXIR_APPS := elixir logger mix
+DIALYZER_FLAGS := -Wunmatched_returns -Werror_handling -Wextra_return -Wmissing_return -Wunknown
+
+dialyzer: build
+	@set -eo pipefail; \
+	elixir_lib=$$(elixir -e 'IO.write(Path.expand("..", :code.lib_dir(:elixir)))'); \
+	otp=$$(cat "$$(erl -noshell -eval 'io:format("~s", [code:root_dir()]), halt().')/releases/$$(erl -noshell -eval 'io:format("~s", [erlang:system_info(otp_release)]), halt().')/OTP_VERSION"); \
+	ex=$$(elixir -e 'IO.write(System.version())'); \
+	apps=$$(echo "$(DIALYZER_APPS) $(DIALYZER_ELIXIR_APPS)" | cksum | cut -d' ' -f1); \
+	plt=_build/plt/quichex-otp$$otp-elixir$$ex-$$apps.plt; \
+	if [ ! -f "$$plt" ]; then \
+	  echo "==> building the dialyzer PLT $$plt (once, a few minutes)"; \
+	  mkdir -p _build/plt; \
+	  dialyzer -pa "$$elixir_lib/elixir/ebin" --build_plt --output_plt "$$plt.tmp" \
+	    --apps $(DIALYZER_APPS) $(foreach a,$(DIALYZER_ELIXIR_APPS),"$$elixir_lib/$(a)/ebin") >/dev/null || \
+	    { s=$$?; [ $$s -eq 2 ] || exit $$s; }; \
+	  mv "$$plt.tmp" "$$plt"; \
+	fi; \
+	beams=$$(ls _build/$(MIX_ENV)/lib/quichex/ebin/*.beam | grep -v -e '/Elixir\.Quichex\.Test\.' -e '/telemetry\.beam$$'); \
+	echo "==> dialyzer: $$(echo "$$beams" | wc -l) modules of lib/"; \
+	dialyzer -pa "$$elixir_lib/elixir/ebin" --plt "$$plt" $(DIALYZER_FLAGS) $$beams
+
 test-rust: deps
 	cd $(CRATE) && cargo test --release --locked
 
+# --cover: lib/'s line coverage, printed per module; below the threshold in
+# mix.exs (test_coverage) the run fails.
 test-elixir: deps deps-peers
-	mix test
+	mix test --cover
 
-test: gates test-rust test-elixir
+test: gates dialyzer test-rust test-elixir
 
 interop: deps deps-peers
 	mix test integration

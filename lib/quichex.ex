@@ -43,7 +43,11 @@ defmodule Quichex do
   end
 
   @doc """
-  A child spec for a listener: `{Quichex, port: 4433, config: config, handler: MyHandler}`.
+  A child spec for a listener, the same as `Quichex.Listener.child_spec/1`:
+
+      children = [{Quichex, port: 4433, config: config, handler: MyHandler}]
+      Supervisor.start_link(children, strategy: :one_for_one)
   """
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts), do: Quichex.Listener.child_spec(opts)
 end

@@ -5,8 +5,8 @@ defmodule Quichex.Application do
   @impl Application
   def start(_type, _args) do
     # Owned by the application master's process tree: lives as long as the app.
-    Quichex.Config.create_cache()
-    Quichex.Connection.Datagrams.create_table()
+    :ok = Quichex.Config.create_cache()
+    :ok = Quichex.Connection.Datagrams.create_table()
 
     children = [
       # The listeners' supervisors, which the API must never call by

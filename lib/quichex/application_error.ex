@@ -13,6 +13,16 @@ defmodule Quichex.ApplicationError do
   `{:error, {:reset, code}}`, STOP_SENDING as
   `{:quic_stream_stopped, conn, stream, code}` or
   `{:error, {:stopped, code}}` (see `Quichex.Stream`).
+
+      receive do
+        {:quic_connection_closed, ^conn, code, %Quichex.ApplicationError{phrase: phrase}} ->
+          Logger.info("peer closed the connection: code \#{code}, \#{inspect(phrase)}")
+      end
+
+  As an exception, its message names the code and the phrase:
+
+      iex> Exception.message(%Quichex.ApplicationError{code: 7, phrase: "bye"})
+      ~s[peer application error 7 (connection_close): "bye"]
   """
 
   defexception [:code, reason: :connection_close, phrase: ""]

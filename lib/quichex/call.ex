@@ -44,6 +44,20 @@ defmodule Quichex.Call do
     end
   end
 
+  @doc """
+  Cancels the deadline timer of a waiting call (`nil`: the call has none).
+  A timer that fired already left its message, which the waiting side tells
+  apart by its ref and ignores once the call is answered, so the result of
+  the cancel does not matter.
+  """
+  @spec cancel_timer(reference() | nil) :: :ok
+  def cancel_timer(nil), do: :ok
+
+  def cancel_timer(timer) do
+    _ = :erlang.cancel_timer(timer, async: true, info: false)
+    :ok
+  end
+
   @doc "What a Quichex process answers to a call it does not understand."
   def unknown_call, do: @unknown_call
 
@@ -79,7 +93,7 @@ defmodule Quichex.Call do
 
   @impl GenServer
   def init(nil) do
-    :ets.new(@table, [:named_table, :protected, :set, read_concurrency: true])
+    @table = :ets.new(@table, [:named_table, :protected, :set, read_concurrency: true])
     {:ok, nil}
   end
 

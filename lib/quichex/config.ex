@@ -3,6 +3,7 @@ defmodule Quichex.Config do
     application_protos: [
       type: :alpn_list,
       default: nil,
+      example: ["h3", "echo"],
       doc:
         "ALPN protocols, in order of preference: a non-empty list of 1..255 byte binaries. Required."
     ],
@@ -114,33 +115,39 @@ defmodule Quichex.Config do
     load_cert_chain_from_pem_file: [
       type: :path,
       default: nil,
+      example: "priv/cert.pem",
       doc: "PEM certificate chain file (required for listeners)."
     ],
     load_priv_key_from_pem_file: [
       type: :path,
       default: nil,
+      example: "priv/key.pem",
       doc: "PEM private key file matching the certificate (required for listeners)."
     ],
     load_verify_locations_from_file: [
       type: :path,
       default: nil,
+      example: "priv/ca.pem",
       doc: "PEM file of trusted CA certificates."
     ],
     load_verify_locations_from_directory: [
       type: :path,
       default: nil,
+      example: "/etc/ssl/certs",
       doc: "Directory of trusted CA certificates."
     ],
     grease: [type: :boolean, default: nil, doc: "Send GREASE values (quiche default true)."],
     keylog_file: [
       type: :path,
       default: nil,
+      example: "/tmp/quic-keys.log",
       doc:
         "Append TLS secrets to this file in the NSS key log format, so Wireshark can decrypt captures. When unset, the file named by the `SSLKEYLOGFILE` environment variable is used, as browsers and curl do."
     ],
     qlog_dir: [
       type: :path,
       default: nil,
+      example: "/tmp/qlog",
       doc:
         "Write one qlog file (JSON-SEQ, `<trace_id>.sqlog`) per connection into this existing directory. A file that cannot be written never affects the connection; the failure is reported once as a `[:quichex, :connection, :log_failed]` telemetry event."
     ],
@@ -179,6 +186,7 @@ defmodule Quichex.Config do
     ticket_key: [
       type: :ticket_key,
       default: nil,
+      example: "0123456789abcdef0123456789abcdef0123456789abcdef",
       doc: "48-byte key for TLS session tickets (servers sharing tickets use the same key)."
     ]
   ]
@@ -289,7 +297,15 @@ defmodule Quichex.Config do
         fun -> String.to_atom("set_" <> fun)
       end
 
-    @doc "Sets `#{inspect(name)}`: #{spec[:doc]}"
+    example = inspect(Schema.example(spec))
+
+    @doc """
+    Sets `#{inspect(name)}`: #{spec[:doc]}
+
+        iex> config = Quichex.Config.new() |> Quichex.Config.#{setter}(#{example})
+        iex> Quichex.Config.get(config, #{inspect(name)})
+        #{example}
+    """
     @spec unquote(setter)(t(), term()) :: t()
     def unquote(setter)(%__MODULE__{} = config, value), do: put(config, unquote(name), value)
   end
@@ -346,8 +362,10 @@ defmodule Quichex.Config do
   end
 
   @doc false
+  @spec create_cache() :: :ok
   def create_cache do
-    :ets.new(@cache, [:named_table, :public, :set, read_concurrency: true])
+    @cache = :ets.new(@cache, [:named_table, :public, :set, read_concurrency: true])
+    :ok
   end
 
   @doc false

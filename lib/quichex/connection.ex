@@ -474,6 +474,7 @@ defmodule Quichex.Connection do
 
   defp address!(other, option, _default), do: bad_address!(other, option)
 
+  @spec bad_address!(term(), atom()) :: no_return()
   defp bad_address!(value, option) do
     raise ArgumentError,
           "invalid value for option #{inspect(option)}: expected {ip_tuple, port}, got: #{inspect(value)}"

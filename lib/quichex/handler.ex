@@ -219,7 +219,13 @@ defmodule Quichex.Handler do
 
   @handler_error_code 0x0102
 
-  @doc "The application error code used for `{:error, reason, state}` results: `#{@handler_error_code}`."
+  @doc """
+  The application error code used for `{:error, reason, state}` results:
+  `#{@handler_error_code}`.
+
+      iex> Quichex.Handler.error_code()
+      #{@handler_error_code}
+  """
   @spec error_code() :: non_neg_integer()
   def error_code, do: @handler_error_code
 

@@ -170,6 +170,7 @@ defmodule Quichex.Listener do
   supervisor. Options that are not a keyword list raise `ArgumentError`;
   the rest are checked by `start_link/1`.
   """
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts) do
     Schema.keyword!(opts)
 
@@ -269,7 +270,7 @@ defmodule Quichex.Listener do
   defp free_port(ip, port) do
     with {:ok, probe, _caps} <- UDP.open(ip, port),
          {:ok, {_ip, port}} <- UDP.sockname(probe) do
-      :socket.close(probe)
+      UDP.close(probe)
       {:ok, port}
     else
       {:error, reason} -> {:error, Quichex.TransportError.new({:socket, reason})}

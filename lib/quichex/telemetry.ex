@@ -4,6 +4,15 @@ defmodule Quichex.Telemetry do
   is available (add `{:telemetry, "~> 1.0"}` to your deps); otherwise they
   cost one cached check.
 
+      :telemetry.attach_many(
+        "my-app-quic",
+        [[:quichex, :connection, :handshake], [:quichex, :connection, :stop]],
+        fn event, measurements, metadata, _config ->
+          MyApp.Metrics.record(event, measurements, metadata.role)
+        end,
+        nil
+      )
+
   ## Listener
 
     * `[:quichex, :listener, :start]` - a listener opened its socket.

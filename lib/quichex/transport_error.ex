@@ -30,6 +30,19 @@ defmodule Quichex.TransportError do
 
   Calls that merely time out or find the connection gone return the plain
   atoms `{:error, :timeout}` and `{:error, :closed}`, not this struct.
+
+      case Quichex.Connection.connect(host: "example.invalid", port: 4433, config: config) do
+        {:ok, conn} -> {:ok, conn}
+        {:error, %Quichex.TransportError{reason: {:resolve, _}} = error} -> {:error, Exception.message(error)}
+      end
+
+  Its message says what failed:
+
+      iex> Exception.message(%Quichex.TransportError{reason: :handshake_timeout})
+      "handshake timed out"
+
+      iex> Exception.message(%Quichex.TransportError{reason: {:transport, 0x178, "no ALPN"}})
+      ~s[transport error 0x178 (TLS alert 120): "no ALPN"]
   """
 
   defexception [:reason]

@@ -125,6 +125,21 @@ defmodule Quichex.Config.Schema do
   def type_doc({:or, types}), do: Enum.map_join(types, " or ", &type_doc/1)
 
   @doc false
+  # A valid value of an option, for the examples in generated docs: the
+  # entry's `:example`, else one derived from its type.
+  def example(spec) do
+    case Keyword.fetch(spec, :example) do
+      {:ok, example} -> example
+      :error -> example_of(spec[:type])
+    end
+  end
+
+  defp example_of({:integer, min, max}), do: 10 |> max(min) |> min(max)
+  defp example_of(:varint), do: 5_000
+  defp example_of(:boolean), do: true
+  defp example_of({:in, values}), do: List.last(values)
+
+  @doc false
   # Renders an option schema as a Markdown bullet list for moduledocs.
   def docs(schema) do
     Enum.map_join(schema, "\n", fn {name, spec} ->

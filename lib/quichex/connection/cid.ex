@@ -12,9 +12,6 @@ defmodule Quichex.Connection.CID do
   def len, do: @len
 
   @doc false
-  def default_generator, do: @default
-
-  @doc false
   # `module` or `{module, options}`: raises ArgumentError naming `option`.
   # A generator with prepare/1 gets its options prepared here, once.
   def generator!(nil, _option), do: @default

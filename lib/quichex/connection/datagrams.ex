@@ -18,6 +18,8 @@ defmodule Quichex.Connection.Datagrams do
   # in passive mode they wait here for dgram_recv/2, at most the configured
   # receive queue length (the oldest is dropped first, as quiche does).
 
+  alias Quichex.Call
+
   defstruct enabled: false,
             send_limit: 1000,
             recv_limit: 1000,
@@ -58,8 +60,11 @@ defmodule Quichex.Connection.Datagrams do
   @refused_slot 3
 
   @doc false
-  def create_table,
-    do: :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])
+  @spec create_table() :: :ok
+  def create_table do
+    @table = :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])
+    :ok
+  end
 
   @doc "Publishes the handle once the handshake is done (datagrams enabled only)."
   def publish(%__MODULE__{enabled: true, handle: nil} = d) do
@@ -211,7 +216,7 @@ defmodule Quichex.Connection.Datagrams do
   defp serve(%{in_count: 0} = d), do: d
 
   defp serve(%{waiters: [{from, _ref, timer} | rest]} = d) do
-    if timer, do: Process.cancel_timer(timer)
+    Call.cancel_timer(timer)
     {{:value, bin}, queue} = :queue.out(d.in)
     :gen_statem.reply(from, {:ok, bin})
     serve(%{d | waiters: rest, in: queue, in_count: d.in_count - 1})
@@ -249,7 +254,7 @@ defmodule Quichex.Connection.Datagrams do
   @doc "The connection is ending: waiting callers get `{:error, :closed}`."
   def close(d) do
     Enum.each(d.waiters, fn {from, _, timer} ->
-      if timer, do: Process.cancel_timer(timer)
+      Call.cancel_timer(timer)
       :gen_statem.reply(from, {:error, :closed})
     end)
 

@@ -14,7 +14,7 @@ defmodule Quichex.Connection.Driver do
   # moves between states in between. What stream processes ask of the
   # connection is in `Quichex.Connection.Requests`.
 
-  alias Quichex.Native
+  alias Quichex.{Call, Native}
   alias Quichex.Connection.{Datagrams, Mobility, Paths, Reports, Requests, State, Streams, UDP}
   alias Quichex.Connection.WriteQueue
   alias Quichex.Connection.WriteQueue.Write
@@ -181,7 +181,7 @@ defmodule Quichex.Connection.Driver do
   # stream process its sending side is done. In this order the reply is in
   # the caller's mailbox before the stream can finish and exit.
   defp finish_write(data, id, %Write{} = write, result) do
-    if write.timer, do: :erlang.cancel_timer(write.timer, async: true, info: false)
+    Call.cancel_timer(write.timer)
     GenServer.reply(write.from, result)
 
     if result == :ok and write.fin do

@@ -5,6 +5,8 @@ defmodule Quichex.Connection.Paths do
   # extra UDP sockets a client opened to migrate or probe, and the
   # migrate/probe calls waiting for a path's validation.
 
+  alias Quichex.Connection.UDP
+
   # `waiting_cid`: probes started before the peer gave a spare connection ID,
   # retried when it does: [{local, peer, kind, from}].
   defstruct ids: %{}, next: 1, sockets: %{}, pending: %{}, waiting_cid: []
@@ -54,13 +56,13 @@ defmodule Quichex.Connection.Paths do
         paths
 
       {socket, sockets} ->
-        :socket.close(socket)
+        UDP.close(socket)
         %{paths | sockets: sockets}
     end
   end
 
   def close_all(paths) do
-    Enum.each(paths.sockets, fn {_local, socket} -> :socket.close(socket) end)
+    Enum.each(paths.sockets, fn {_local, socket} -> UDP.close(socket) end)
     %{paths | sockets: %{}}
   end
 

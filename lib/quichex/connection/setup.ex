@@ -104,7 +104,7 @@ defmodule Quichex.Connection.Setup do
       {:ok, local}
     else
       {:error, reason} ->
-        :socket.close(socket)
+        UDP.close(socket)
         {:error, Reports.transport_error({:socket, reason})}
     end
   end
@@ -112,7 +112,7 @@ defmodule Quichex.Connection.Setup do
   defp nif(_socket, {:ok, native}), do: {:ok, native}
 
   defp nif(socket, {:error, reason}) do
-    :socket.close(socket)
+    UDP.close(socket)
 
     case reason do
       {:badarg, "session"} -> {:error, Reports.transport_error(:invalid_session)}

@@ -4,7 +4,7 @@ defmodule Quichex.Connection.Transitions do
   # completes, the connection starts closing, the process ends.
 
   alias Quichex.{Native, Telemetry}
-  alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, State}
+  alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, State, UDP}
 
   @doc """
   Whether a server refuses the client whose handshake just completed:
@@ -120,11 +120,13 @@ defmodule Quichex.Connection.Transitions do
     # What the pacer still held goes now (the close comes last).
     data = Driver.release_paced(data, true)
 
-    if data.owns_socket, do: :socket.close(data.socket)
-    Paths.close_all(data.paths)
-    Mobility.unroute(data, data.cids)
+    if data.owns_socket, do: UDP.close(data.socket)
+    # The process is ending: the updated paths and datagram state are not
+    # needed, only the closing and replying these calls do.
+    _paths = Paths.close_all(data.paths)
+    :ok = Mobility.unroute(data, data.cids)
     Enum.each(data.waiters, &:gen_statem.reply(&1, {:error, :closed}))
-    data.dgrams |> Datagrams.withdraw() |> Datagrams.close()
+    _dgrams = data.dgrams |> Datagrams.withdraw() |> Datagrams.close()
 
     Telemetry.stop(
       :connection,

@@ -42,7 +42,7 @@ defmodule Quichex.Connection.UDP do
         :ok
 
       {:error, reason} ->
-        :socket.close(socket)
+        close(socket)
         {:error, reason}
     end
   end
@@ -53,7 +53,7 @@ defmodule Quichex.Connection.UDP do
         :ok
 
       {:error, reason} ->
-        :socket.close(socket)
+        close(socket)
         {:error, reason}
     end
   end
@@ -78,6 +78,16 @@ defmodule Quichex.Connection.UDP do
 
   @doc false
   def sockaddr({ip, port}), do: %{family: family(ip), addr: ip, port: port}
+
+  @doc false
+  # Closes a socket we are done with. :socket.close/1 fails only for a socket
+  # that is already closed (or whose owner died), which leaves the same
+  # result: the socket is gone, so there is nothing to act on.
+  @spec close(:socket.socket()) :: :ok
+  def close(socket) do
+    _ = :socket.close(socket)
+    :ok
+  end
 
   @doc """
   Reads up to #{@max_reads} datagrams without blocking. Returns

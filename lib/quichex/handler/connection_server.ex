@@ -93,15 +93,12 @@ defmodule Quichex.Handler.ConnectionServer do
        do: {:noreply, %{state | state: user}, timeout}
 
   defp result({:close, user}, state) do
-    Connection.close(state.conn, error_code: 0, reason: "")
+    close(state.conn, 0, "")
     {:noreply, %{state | state: user}}
   end
 
   defp result({:error, reason, user}, state) do
-    Connection.close(state.conn,
-      error_code: Handler.error_code(),
-      reason: inspect(reason, limit: 5)
-    )
+    close(state.conn, Handler.error_code(), inspect(reason, limit: 5))
 
     {:noreply, %{state | state: user}}
   end
@@ -109,5 +106,14 @@ defmodule Quichex.Handler.ConnectionServer do
   defp result(other, _state) do
     raise ArgumentError,
           "a Quichex.Handler callback returned #{inspect(other)}; see Quichex.Handler.result()"
+  end
+
+  # This process learns of the end of the connection by its close message or
+  # the link, as for any other end, and stays until then. A close that timed
+  # out (the linked connection is alive but did not answer in 5 s) leaves it
+  # to that same path, so its result is not acted on.
+  defp close(conn, code, reason) do
+    _ = Connection.close(conn, error_code: code, reason: reason)
+    :ok
   end
 end

@@ -89,7 +89,7 @@ defmodule Quichex.Listener.Socket do
   defp exclusive_port(opts) do
     with {:ok, probe, _caps} <- UDP.open(opts.ip, opts.port),
          {:ok, {_ip, port}} <- UDP.sockname(probe) do
-      :socket.close(probe)
+      UDP.close(probe)
       {:ok, port}
     end
   end
@@ -122,7 +122,7 @@ defmodule Quichex.Listener.Socket do
   def terminate(_reason, state) do
     # Connections that sent on this socket move to another one.
     Registry.drop_socket(state.shared, state.opts.index, state.socket)
-    :socket.close(state.socket)
+    UDP.close(state.socket)
   end
 
   ## Reading and routing

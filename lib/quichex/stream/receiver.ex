@@ -12,6 +12,7 @@ defmodule Quichex.Stream.Receiver do
   # about `window` bytes (or what a recv/2 with a larger `length` waits for)
   # sit here: QUIC flow control reaches the peer.
 
+  alias Quichex.Call
   alias Quichex.Stream.{HandlerRunner, Server}
 
   ## Input from the connection
@@ -124,7 +125,7 @@ defmodule Quichex.Stream.Receiver do
   defp serve_reader(%{reader: reader} = state) do
     case take(state, reader.length) do
       {reply, state} ->
-        if reader.timer, do: Process.cancel_timer(reader.timer)
+        Call.cancel_timer(reader.timer)
         Server.reply(reader.from, reply)
         %{state | reader: nil}
 
@@ -136,7 +137,7 @@ defmodule Quichex.Stream.Receiver do
   defp fail_reader(%{reader: nil} = state, _reply), do: state
 
   defp fail_reader(%{reader: reader} = state, reply) do
-    if reader.timer, do: Process.cancel_timer(reader.timer)
+    Call.cancel_timer(reader.timer)
     Server.reply(reader.from, reply)
     %{state | reader: nil}
   end

@@ -120,6 +120,8 @@ defmodule Quichex.Stream.Server do
 
   defp finished?(state), do: state.recv_done and state.send != :open
 
+  # The stream process ends here: the loop's way out.
+  @spec stop(t(), term()) :: no_return()
   defp stop(state, reason) do
     Telemetry.stop(:stream, state.started_at, %{
       connection: state.conn,
@@ -344,6 +346,7 @@ defmodule Quichex.Stream.Server do
   def system_continue(_parent, _debug, state), do: loop(state)
 
   @doc false
+  @spec system_terminate(term(), pid(), term(), t()) :: no_return()
   def system_terminate(reason, _parent, _debug, state), do: stop(state, reason)
 
   @doc false
