@@ -27,6 +27,8 @@ defmodule Quichex.DocsTest do
     Quichex.ConnectionHandler,
     Quichex.CIDGenerator,
     Quichex.CIDGenerator.Random,
+    Quichex.CIDGenerator.QuicLB,
+    Quichex.DevCert,
     Quichex.Telemetry,
     Quichex.TransportError,
     Quichex.ApplicationError

@@ -156,7 +156,7 @@ defmodule Quichex.SupervisionTest do
       children = Listener.children(listener)
       victim = Map.fetch!(children, child)
       Process.unlink(listener)
-      refs = Enum.map([listener, server_conn], &Process.monitor/1)
+      refs = Enum.map([listener, server_conn | children.sockets], &Process.monitor/1)
 
       capture_log(fn ->
         Process.exit(victim, :kill)

@@ -162,6 +162,10 @@ defmodule Quichex.CIDGenerator.QuicLB do
   @doc """
   Prepares `options` once for `generate_cid/2` (the `Quichex.CIDGenerator`
   callback); the same as `new/1`.
+
+      iex> config = Quichex.CIDGenerator.QuicLB.prepare(config_id: 1, server_id: <<7>>)
+      iex> byte_size(Quichex.CIDGenerator.QuicLB.generate_cid(16, config))
+      16
   """
   @impl Quichex.CIDGenerator
   @spec prepare(keyword() | t()) :: t()
