@@ -89,7 +89,7 @@ gates: deps
 # Not used: -Wunderspecs/-Woverspecs/-Wspecdiffs compare each @spec with the
 # inferred typing and flag deliberate API contracts (e.g. an error code
 # specced as non_neg_integer() rather than the literal 258).
-DIALYZER_APPS := erts kernel stdlib crypto
+DIALYZER_APPS := erts kernel stdlib crypto public_key asn1
 DIALYZER_ELIXIR_APPS := elixir logger mix
 DIALYZER_FLAGS := -Wunmatched_returns -Werror_handling -Wextra_return -Wmissing_return -Wunknown
 

@@ -73,7 +73,7 @@ defmodule Mix.Tasks.Quichex.Gen.Cert do
 
     if existing == [] or Keyword.get(opts, :force, false) or
          Mix.shell().yes?("#{Enum.join(existing, " and ")} already exist. Overwrite?") do
-      Quichex.DevCert.store!(generated, paths)
+      _paths = Quichex.DevCert.store!(generated, paths)
 
       for path <- [paths.cert, paths.key] do
         Mix.shell().info([:green, "* creating ", :reset, Path.relative_to_cwd(path)])

@@ -283,6 +283,7 @@ defmodule Quichex.CIDGenerator.QuicLB do
 
   ## Helpers
 
+  @spec bad_decode!(term()) :: no_return()
   defp bad_decode!(configs) do
     raise ArgumentError,
           "expected a connection ID and QUIC-LB configurations from new/1, got: #{inspect(configs)}"
