@@ -140,6 +140,8 @@ clean:
 
 ## bench: raw quiche vs Quichex, 3 runs per scenario (see bench/bench.exs)
 bench: export MIX_ENV := prod
+# 100,000 idle connections (--idle 100000) are 200,000 processes.
+bench: export ELIXIR_ERL_OPTIONS := +P 1048576
 bench: deps
 	mix compile
 	mix run bench/bench.exs -- $(BENCH_ARGS)

@@ -226,7 +226,7 @@ defmodule Bench do
   defp hops_main(cc) do
     cc = String.to_atom(cc || "cubic")
     dir = Path.join(System.tmp_dir!(), "quichex-hops-#{System.unique_integer([:positive])}")
-    {cert, key} = self_signed_cert!(dir)
+    %{cert: cert, key: key} = Quichex.DevCert.write!(output: Path.join(dir, "selfsigned"))
     env = %{cert: cert, key: key, settings: %{cc: cc}}
     {listener, port} = start_listener(env, Bench.Echo)
     conn = connect!(port, cc)

@@ -38,19 +38,23 @@ defmodule Quichex.PacingTest do
     {elapsed, packets}
   end
 
-  # The most bytes the client sent within any `window_us`, from the proxy's
-  # arrival times.
-  defp max_window(trace, window_us) do
+  # The 90th percentile, over the client's sends, of the bytes it sent in
+  # the `window_us` ending at each send (the proxy's arrival times). Not the
+  # maximum: a busy machine that deschedules the VM for a moment bunches a
+  # few paced batches up, which a percentile ignores and a burst of whole
+  # congestion windows does not hide.
+  defp p90_window(trace, window_us) do
     sends = for {t, :to_server, bytes} <- trace, do: {t, bytes}
-    slide(sends, sends, 0, 0, window_us)
+    sums = slide(sends, sends, 0, [], window_us) |> Enum.sort()
+    Enum.at(sums, div(length(sums) * 9, 10), 0)
   end
 
-  defp slide([], _tail, _sum, best, _w), do: best
+  defp slide([], _tail, _sum, acc, _w), do: acc
 
-  defp slide([{t, b} | rest], tail, sum, best, w) do
+  defp slide([{t, b} | rest], tail, sum, acc, w) do
     sum = sum + b
     {tail, sum} = drop_old(tail, sum, t - w)
-    slide(rest, tail, sum, max(best, sum), w)
+    slide(rest, tail, sum, [sum | acc], w)
   end
 
   defp drop_old([{t0, b0} | rest], sum, from) when t0 <= from, do: drop_old(rest, sum - b0, from)
@@ -92,10 +96,9 @@ defmodule Quichex.PacingTest do
 
     # Seen on the wire (the proxy's arrival times): over 20 ms, the paced
     # client sends about 125 KB at most; unpaced, whole windows at once.
-    # (A busy machine can bunch the paced batches up, hence the margin.)
-    paced = max_window(paced_trace, 20_000)
-    unpaced = max_window(unpaced_trace, 20_000)
-    assert paced < unpaced, "at most #{paced} bytes in 20 ms paced, #{unpaced} unpaced"
+    paced = p90_window(paced_trace, 20_000)
+    unpaced = p90_window(unpaced_trace, 20_000)
+    assert paced < unpaced, "p90 #{paced} bytes in 20 ms paced, #{unpaced} unpaced"
   end
 
   test "a capped pacing rate is honoured: 1 MB at 1 MB/s takes about a second, intact" do
