@@ -921,11 +921,15 @@ mod tests {
 
         assert_eq!(recv.write(third), Err(Error::FinalSize));
 
+        // quichex patch I: `fourth` is all data already read, but it brings
+        // the FIN for the first time: the FIN is kept (an empty final
+        // buffer) and reported once, instead of being dropped with the data.
         assert!(recv.write(fourth).is_ok());
         assert_eq!(recv.len, 9);
         assert_eq!(recv.off, 9);
-        assert_eq!(recv.data.len(), 0);
+        assert_eq!(recv.data.len(), 1);
 
+        assert_emit_discard(&mut recv, emit, 32, 0, true, Some(b""));
         assert_emit_discard_done(&mut recv, emit);
     }
 
