@@ -1,6 +1,7 @@
 //! Writes the seed corpus under `corpus/<target>/`: real packets from a
 //! quiche handshake, the stateless packets, varints and a session ticket.
-//! Run once with `cargo run --bin seeds`; the output is committed.
+//! Run once after `cargo afl build --release --features afl` as
+//! `target/release/seeds`; the output is committed.
 
 use std::fs;
 use std::net::SocketAddr;
