@@ -2,6 +2,8 @@
 #   make demo   installs what is missing, builds, runs the echo demo on loopback
 #   make test   installs what is missing, builds, runs every test and gate
 #   make soak   the soak and abuse suite at full size (10 minutes at most)
+#   make valgrind  the NIF crate's tests under valgrind memcheck
+#   make fuzz      AFL++ on the NIF's parsing of peer bytes (FUZZ_SECONDS per target)
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export MIX_ENV ?= test
@@ -16,7 +18,9 @@ export QUICHEX_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export QUICHEX_QUINN_PEER := $(CURDIR)/$(QUINN_PEER)
 APT_PACKAGES := elixir erlang-dev erlang-proper erlang-dialyzer erlang-os-mon cmake libclang-dev clang g++ make python3-venv openssl ngtcp2-client ngtcp2-server
 
-.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates dialyzer interop soak bench clean
+.PHONY: all deps deps-system deps-rust deps-python deps-peers quinn-peer build demo test test-elixir test-rust gates dialyzer interop soak bench clean valgrind deps-valgrind fuzz fuzz-short deps-fuzz
+
+FUZZ_SECONDS ?= 60
 
 all: build
 
@@ -71,6 +75,7 @@ gates: deps
 	cd $(CRATE) && cargo clippy --release --all-targets --locked -- -D warnings
 	cd integration/peers/quinn_peer && cargo fmt --check
 	cd bench/quiche_baseline && cargo fmt --check
+	cd fuzz && cargo fmt --check
 
 ## dialyzer: Debian's erlang-dialyzer on the compiled lib/ modules, zero warnings.
 # The PLT holds the OTP and Elixir applications lib/ calls (mix: for Mix
@@ -133,9 +138,31 @@ soak: deps
 	mix compile
 	timeout --kill-after=10 600 mix test soak test/quichex/api_safety_test.exs
 
+## valgrind: every test executable of `cargo test --release` in the NIF crate
+## (unit tests and the quiche patch regression tests) under valgrind memcheck;
+## fails on any error or leak (definite, indirect or possible). Logs in
+## _build/valgrind/.
+deps-valgrind:
+	@command -v valgrind >/dev/null 2>&1 || $(MAKE) deps-system APT_PACKAGES=valgrind
+
+valgrind: deps deps-valgrind
+	nice native/valgrind/run.sh
+
+## fuzz: AFL++ (cargo-afl, stable Rust) on each target in fuzz/ for
+## FUZZ_SECONDS (default 60) seconds; fuzz-short: 10 s each, for make soak.
+deps-fuzz: deps
+	@command -v cargo-afl >/dev/null 2>&1 || cargo install cargo-afl --locked --version 0.18.2
+
+fuzz: deps-fuzz
+	nice fuzz/run.sh $(FUZZ_TARGETS)
+
+fuzz-short: deps-fuzz
+	FUZZ_SECONDS=10 nice fuzz/run.sh $(FUZZ_TARGETS)
+
 clean:
 	rm -rf _build priv/native
 	cd $(CRATE) && cargo clean
+	cd fuzz && cargo clean
 	cd integration/peers/quinn_peer && cargo clean
 
 ## bench: raw quiche vs Quichex, 3 runs per scenario (see bench/bench.exs)

@@ -10,6 +10,12 @@ defmodule Mix.Tasks.Compile.QuichexNif do
 
   Set `QUICHEX_SKIP_NIF_BUILD=1` to skip the build (for example when a
   prebuilt library was already copied into `priv/native/`).
+
+  Set `QUICHEX_NIF_PROFILE=debug` to build with cargo's `dev` profile
+  instead (debug assertions, overflow checks, full debug info; for running
+  the test suite against a debug NIF, or under a memory checker). The
+  library is rebuilt whenever the profile changes; unset (or `release`) goes
+  back to the release build.
   """
   use Mix.Task.Compiler
 
@@ -20,24 +26,28 @@ defmodule Mix.Tasks.Compile.QuichexNif do
     root = Path.expand("../../..", __DIR__)
     crate_dir = Path.join([root, "native", @crate])
     priv_dir = Path.join([Mix.Project.app_path(), "priv", "native"])
-    src_lib = Path.join([crate_dir, "target", "release", lib_file()])
+    profile = profile()
+    src_lib = Path.join([crate_dir, "target", profile_dir(profile), lib_file()])
     dest_lib = Path.join(priv_dir, "lib#{@crate}.so")
+    # Which profile the library in priv/ was built with.
+    stamp = Path.join(priv_dir, "lib#{@crate}.profile")
 
     cond do
       System.get_env("QUICHEX_SKIP_NIF_BUILD") in ["1", "true"] ->
         {:noop, []}
 
-      up_to_date?(crate_dir, dest_lib) ->
+      up_to_date?(crate_dir, dest_lib) and built_profile(stamp) == profile ->
         {:noop, []}
 
       true ->
-        build!(crate_dir)
+        build!(crate_dir, profile)
         File.mkdir_p!(priv_dir)
         # Copy to a temporary name and rename, so a loaded library is never
         # overwritten in place (that would crash a running VM).
         tmp = dest_lib <> ".tmp"
         File.cp!(src_lib, tmp)
         File.rename!(tmp, dest_lib)
+        File.write!(stamp, profile)
         {:ok, []}
     end
   end
@@ -46,6 +56,28 @@ defmodule Mix.Tasks.Compile.QuichexNif do
   def clean do
     File.rm_rf!(Path.join([Mix.Project.app_path(), "priv", "native"]))
     :ok
+  end
+
+  defp profile do
+    case System.get_env("QUICHEX_NIF_PROFILE", "release") do
+      profile when profile in ["release", "debug"] ->
+        profile
+
+      other ->
+        Mix.raise("QUICHEX_NIF_PROFILE must be release or debug, got: #{inspect(other)}")
+    end
+  end
+
+  # cargo's output directory for a profile.
+  defp profile_dir("release"), do: "release"
+  defp profile_dir("debug"), do: "debug"
+
+  # A library built before the stamp existed was a release build.
+  defp built_profile(stamp) do
+    case File.read(stamp) do
+      {:ok, profile} -> profile
+      {:error, _} -> "release"
+    end
   end
 
   defp lib_file do
@@ -79,19 +111,23 @@ defmodule Mix.Tasks.Compile.QuichexNif do
       )
   end
 
-  defp build!(crate_dir) do
+  defp build!(crate_dir, profile) do
     check_tools!()
-    Mix.shell().info("==> quichex: cargo build --release (native/#{@crate})")
+
+    args =
+      if profile == "release", do: ["build", "--release", "--locked"], else: ["build", "--locked"]
+
+    Mix.shell().info("==> quichex: cargo #{Enum.join(args, " ")} (native/#{@crate})")
 
     {_, status} =
-      System.cmd(cargo(), ["build", "--release", "--locked"],
+      System.cmd(cargo(), args,
         cd: crate_dir,
         into: IO.stream(:stdio, :line),
         stderr_to_stdout: true
       )
 
     if status != 0 do
-      Mix.raise("cargo build --release failed for native/#{@crate} (exit status #{status})")
+      Mix.raise("cargo build (#{profile}) failed for native/#{@crate} (exit status #{status})")
     end
   end
 

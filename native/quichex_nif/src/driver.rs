@@ -16,9 +16,9 @@ use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
 
 use crate::connection::{ConnInner, ConnResource};
 use crate::error::Result;
-use crate::packet::first_packet_len;
 use crate::stream;
 use crate::util::{bytes_term, ceil_millis, decode_addr, encode_addr};
+use crate::wire;
 
 /// Most bytes one poll reads out of all streams together.
 const MAX_READ_TOTAL: usize = 1 << 20;
@@ -212,17 +212,13 @@ fn receive(inner: &mut ConnInner, packets: &[(SocketAddr, Binary, usize)], to: O
         if let Some(amp) = inner.amp.as_mut().filter(|a| a.peer == *from) {
             amp.received += bytes.len() as u64;
         }
-        let seg = if *seg == 0 { bytes.len().max(1) } else { *seg };
-        for datagram in bytes.chunks(seg) {
+        for datagram in wire::datagrams(bytes, *seg) {
             // quiche 0.30 drops the rest of a datagram after a coalesced
             // packet it cannot decrypt (e.g. a Handshake packet once the
             // Handshake keys are gone), losing a CONNECTION_CLOSE behind it.
             // RFC 9000 section 12.2 asks receivers to try every packet, so
             // feed them one by one.
-            let mut rest = datagram;
-            while !rest.is_empty() {
-                let (packet, tail) = rest.split_at(first_packet_len(rest));
-                rest = tail;
+            for packet in wire::packets(datagram) {
                 let info = quiche::RecvInfo { from: *from, to };
                 let was_closed = inner.conn.is_closed();
                 SCRATCH.with_borrow_mut(|scratch| {

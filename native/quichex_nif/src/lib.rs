@@ -13,5 +13,6 @@ mod packet;
 mod paths;
 mod stream;
 mod util;
+pub mod wire;
 
 rustler::init!("Elixir.Quichex.Native");

@@ -65,19 +65,12 @@ pub fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
 
 /// A connection ID from a binary of 1..=20 bytes (`quiche::MAX_CONN_ID_LEN`).
 pub fn cid(bytes: &Binary) -> Result<quiche::ConnectionId<'static>> {
-    let b = bytes.as_slice();
-    if b.is_empty() || b.len() > quiche::MAX_CONN_ID_LEN {
-        return Err(Error::BadArg("connection id"));
-    }
-    Ok(quiche::ConnectionId::from_vec(b.to_vec()))
+    crate::wire::conn_id(bytes.as_slice()).ok_or(Error::BadArg("connection id"))
 }
 
 /// Like `cid`, but an empty ID is allowed (a client may choose one).
 pub fn cid_or_empty(bytes: &Binary) -> Result<quiche::ConnectionId<'static>> {
-    if bytes.is_empty() {
-        return Ok(quiche::ConnectionId::from_vec(Vec::new()));
-    }
-    cid(bytes)
+    crate::wire::conn_id_or_empty(bytes.as_slice()).ok_or(Error::BadArg("connection id"))
 }
 
 /// Checks a value that goes on the wire as a varint (error codes, ids).
