@@ -133,10 +133,13 @@ interop: deps deps-peers
 ## soak: the soak and abuse suite (soak/, issue 15) at full size, with the
 ## API property at ten times its cases; loopback only, killed after 10 minutes.
 ## `make test` runs the same tests in a short form (QUICHEX_SOAK unset).
+## Then the fuzz targets briefly (fuzz-short: 10 s each; their first
+## instrumented build of quiche takes a while, once).
 soak: export QUICHEX_SOAK := full
 soak: deps
 	mix compile
 	timeout --kill-after=10 600 mix test soak test/quichex/api_safety_test.exs
+	$(MAKE) fuzz-short
 
 ## valgrind: every test executable of `cargo test --release` in the NIF crate
 ## (unit tests and the quiche patch regression tests) under valgrind memcheck;
