@@ -959,8 +959,10 @@ defmodule Bench do
   @idle_per_client 10_000
 
   defp start_idle_clients(env, port, n) do
-    for share <- shares(n, @idle_per_client) do
-      client = start_idle_client(env, port, share)
+    for {share, i} <- Enum.with_index(shares(n, @idle_per_client)) do
+      # Each client binds its own loopback address (127.0.0.2, ...): one
+      # address has only ~28,000 ephemeral ports.
+      client = start_idle_client(env, port, share, {127, 0, 0, i + 2})
       wait_line(client, "IDLE_READY", 600_000)
       client
     end
@@ -974,10 +976,11 @@ defmodule Bench do
     Enum.each(clients, &wait_exit(&1, 120_000))
   end
 
-  defp start_idle_client(env, port, n) do
+  defp start_idle_client(env, port, n, {a, b, c, d}) do
     Port.open({:spawn_executable, env.baseline}, [
       :binary,
       :exit_status,
+      :stderr_to_stdout,
       {:line, 65_536},
       args: [
         "client",
@@ -988,7 +991,13 @@ defmodule Bench do
         "--concurrency",
         "#{n}",
         "--cc",
-        "#{env.settings.cc}"
+        "#{env.settings.cc}",
+        # The first client holds its connections while the others open
+        # theirs: minutes, at 100,000.
+        "--timeout",
+        "3600",
+        "--bind-ip",
+        "#{a}.#{b}.#{c}.#{d}"
       ]
     ])
   end
@@ -1041,13 +1050,15 @@ defmodule Bench do
     out |> String.split("\n", trim: true) |> List.last() |> parse_json()
   end
 
-  defp wait_line(port, prefix, timeout) do
+  defp wait_line(port, prefix, timeout, seen \\ []) do
     receive do
       {^port, {:data, {:eol, line}}} ->
-        if String.starts_with?(line, prefix), do: line, else: wait_line(port, prefix, timeout)
+        if String.starts_with?(line, prefix),
+          do: line,
+          else: wait_line(port, prefix, timeout, Enum.take([line | seen], 5))
 
       {^port, {:exit_status, status}} ->
-        raise "baseline exited with #{status} before #{prefix}"
+        raise "baseline exited with #{status} before #{prefix}: #{inspect(Enum.reverse(seen))}"
     after
       timeout -> raise "no #{prefix} from the baseline within #{timeout} ms"
     end

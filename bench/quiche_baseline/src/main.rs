@@ -213,8 +213,13 @@ fn setsockopt_int(
 
 /// Bind a nonblocking UDP socket on 127.0.0.1 with 4 MiB buffers requested.
 fn bind_udp(port: u16, gro: bool) -> Res<UdpSocket> {
-    let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        .map_err(|e| format!("bind: {e}"))?;
+    bind_udp_on(Ipv4Addr::LOCALHOST, port, gro)
+}
+
+/// `bind_udp` on another loopback address (all of 127.0.0.0/8 is local on
+/// Linux): each has its own ~28,000 ephemeral ports.
+fn bind_udp_on(ip: Ipv4Addr, port: u16, gro: bool) -> Res<UdpSocket> {
+    let s = UdpSocket::bind(SocketAddr::from((ip, port))).map_err(|e| format!("bind: {e}"))?;
     let fd = s.as_raw_fd();
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCK_BUF_BYTES)
         .map_err(|e| format!("SO_RCVBUF: {e}"))?;
@@ -581,7 +586,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close|dgram_echo [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle|dgram [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--seconds S] [--window N] [--gso] [--gro] [--timeout S]\n  quiche_baseline proxy --upstream PORT [--loss-permille N] [--seed N]"
+        "usage:\n  quiche_baseline server --port 0 --cert PEM --key PEM --mode echo|sink|reply_close|dgram_echo [--cc cubic|bbr2] [--max-conns N] [--gso] [--gro]\n  quiche_baseline client --port P --scenario bulk|rtt|rtt_streams|rtt_close|handshakes|streams|idle|dgram [--cc cubic|bbr2] [--size B] [--rounds N] [--concurrency N] [--streams N] [--seconds S] [--window N] [--gso] [--gro] [--timeout S] [--bind-ip 127.x.y.z]\n  quiche_baseline proxy --upstream PORT [--loss-permille N] [--seed N]"
     );
     std::process::exit(2);
 }
@@ -1074,6 +1079,8 @@ mod client {
     struct Ctx {
         config: quiche::Config,
         peer: SocketAddr,
+        /// The loopback address client sockets bind to (`--bind-ip`).
+        bind_ip: Ipv4Addr,
         deadline: Instant,
         gso: bool,
         gro: bool,
@@ -1092,7 +1099,7 @@ mod client {
 
         /// New socket + connection; sends the first flight.
         fn start(&mut self) -> Res<Endpoint> {
-            let sock = bind_udp(0, self.gro)?;
+            let sock = bind_udp_on(self.bind_ip, 0, self.gro)?;
             sock.connect(self.peer)
                 .map_err(|e| format!("connect: {e}"))?;
             let local = sock.local_addr().map_err(|e| e.to_string())?;
@@ -1284,6 +1291,13 @@ mod client {
         let mut ctx = Ctx {
             config: make_config(cc, None)?,
             peer: SocketAddr::from((Ipv4Addr::LOCALHOST, port as u16)),
+            bind_ip: match args.str("bind-ip") {
+                None => Ipv4Addr::LOCALHOST,
+                Some(ip) => match ip.parse::<Ipv4Addr>() {
+                    Ok(ip) if ip.is_loopback() => ip,
+                    _ => return Err(format!("--bind-ip: {ip} is not a loopback address")),
+                },
+            },
             deadline: Instant::now() + timeout,
             gso: args.flag("--gso"),
             gro: args.flag("--gro"),
