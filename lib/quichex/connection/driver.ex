@@ -10,7 +10,7 @@ defmodule Quichex.Connection.Driver do
   #   flush/1     write pending stream data and send every packet quiche has
   #               in GSO batches; returns quiche's next timer
   #
-  # `Quichex.Connection.Statem` runs them in that order for every event and
+  # `Quichex.Connection.Transitions.drive/6` runs them in that order for every event and
   # moves between states in between. What stream processes ask of the
   # connection is in `Quichex.Connection.Requests`.
 

@@ -25,17 +25,15 @@ defmodule Quichex.Connection.Statem do
   #              |    :closed    |<-------------------------+
   #              +---------------+  process exits normally
   #
-  # Every event that can change quiche's state ends in drive/5: one driver
-  # pass (Quichex.Connection.Driver) and the state change it implies.
+  # Every event that can change quiche's state ends in Transitions.drive/6:
+  # one driver pass (Quichex.Connection.Driver) and the state change it
+  # implies.
 
   @behaviour :gen_statem
 
   alias Quichex.{Native, Telemetry}
   alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, Requests, Setup, State}
   alias Quichex.Connection.{Streams, Transitions, UDP}
-
-  @drain_cap_ms 3_000
-  @max_timer_ms Quichex.Config.Schema.max_timeout()
 
   # A connection with no event for this long hibernates: its heap shrinks
   # to its live data (an idle connection's memory, and no datagram kept
@@ -103,7 +101,7 @@ defmodule Quichex.Connection.Statem do
         packets
       end
 
-    drive(:handshaking, data, packets, false)
+    Transitions.drive(:handshaking, data, packets, false)
   end
 
   def handshaking({:call, from}, :wait_connected, data),
@@ -131,12 +129,7 @@ defmodule Quichex.Connection.Statem do
       do: {:keep_state_and_data, :postpone}
 
   def handshaking({:timeout, :handshake}, :expired, data) do
-    _ = Native.connection_close(data.native, false, 0, "handshake timeout")
-    {data, _out} = Driver.flush(data)
-    data = %{data | close_reason: Reports.transport_error(:handshake_timeout)}
-    Reports.notify_closed(:handshaking, data)
-    data = Driver.end_streams(%{data | waiters: []}, data.close_reason)
-    {:next_state, :closed, data, {:next_event, :internal, :stop}}
+    {:next_state, :closed, Transitions.handshake_expired(data), {:next_event, :internal, :stop}}
   end
 
   def handshaking(type, content, data), do: common(:handshaking, type, content, data)
@@ -174,12 +167,12 @@ defmodule Quichex.Connection.Statem do
     expiry =
       if timeout == :infinity, do: [], else: [{{:timeout, {:probe, from}}, timeout, :expired}]
 
-    drive(:established, data, [], false, expiry)
+    Transitions.drive(:established, data, [], false, expiry)
   end
 
   def established({:call, from}, :rotate_cid, data) do
     {reply, data} = Mobility.rotate(data)
-    drive(:established, data, [], false, [{:reply, from, reply}])
+    Transitions.drive(:established, data, [], false, [{:reply, from, reply}])
   end
 
   def established(type, content, data), do: common(:established, type, content, data)
@@ -236,12 +229,12 @@ defmodule Quichex.Connection.Statem do
     do: read_socket(state, data, socket)
 
   defp common(state, :info, {:quic_packets, packets}, data),
-    do: drive(state, data, packets, false)
+    do: Transitions.drive(state, data, packets, false)
 
   defp common(state, :info, :quichex_pass, data),
-    do: drive(state, %{data | pass_pending: false}, [], false)
+    do: Transitions.drive(state, %{data | pass_pending: false}, [], false)
 
-  defp common(state, {:timeout, :quic}, :fire, data), do: drive(state, data, [], true)
+  defp common(state, {:timeout, :quic}, :fire, data), do: Transitions.drive(state, data, [], true)
 
   # A migrate/probe call's time is up: it gets {:error, :timeout}, and the
   # socket opened for it closes (unless the connection moved there).
@@ -288,7 +281,7 @@ defmodule Quichex.Connection.Statem do
   defp common(state, :info, {:EXIT, pid, reason}, %State{runner: pid} = data)
        when reason != :normal do
     _ = Native.connection_close(data.native, true, Reports.owner_down_code(), "")
-    drive(state, %{data | runner: nil, closing: :owner_down}, [], false)
+    Transitions.drive(state, %{data | runner: nil, closing: :owner_down}, [], false)
   end
 
   defp common(_state, :info, {:EXIT, pid, reason}, data) do
@@ -305,7 +298,7 @@ defmodule Quichex.Connection.Statem do
       {:keep_state, data}
     else
       _ = Native.connection_close(data.native, true, Reports.owner_down_code(), "")
-      drive(state, %{data | closing: :owner_down}, [], false)
+      Transitions.drive(state, %{data | closing: :owner_down}, [], false)
     end
   end
 
@@ -338,7 +331,7 @@ defmodule Quichex.Connection.Statem do
     case Native.connection_close(data.native, true, code, reason) do
       :ok ->
         data = %{data | closing: :local, close_code: code}
-        drive(state, data, [], false, [{:reply, from, :ok}])
+        Transitions.drive(state, data, [], false, [{:reply, from, :ok}])
 
       {:error, _already_closed} ->
         {:keep_state_and_data, {:reply, from, :ok}}
@@ -377,7 +370,7 @@ defmodule Quichex.Connection.Statem do
     {packets, status} = UDP.read_batch(socket)
     actions = if status == :more, do: read_more(data, socket), else: []
     to = if socket == data.socket, do: nil, else: Paths.local_of(data.paths, socket)
-    drive(state, data, packets, false, actions, to)
+    Transitions.drive(state, data, packets, false, actions, to)
   end
 
   # A socket with more to read is read again right away, before anything
@@ -397,82 +390,6 @@ defmodule Quichex.Connection.Statem do
       nil -> {{:timeout, :open_streams}, :infinity, :expired}
       deadline -> {{:timeout, :open_streams}, deadline, :expired, [abs: true]}
     end
-  end
-
-  ## The driver pass and the state changes it implies
-
-  defp drive(state, data, packets, timer?, actions \\ [], to \\ nil) do
-    {state, data, status} =
-      if packets != [] or timer? or Driver.poll_needed?(data) do
-        {poll, data} = Driver.poll(data, packets, timer?, to)
-        {state, data, status} = maybe_established(state, data, poll)
-        # A client refused at the end of the handshake reaches no one.
-        data = if data.closing == :refused, do: data, else: Driver.dispatch(data, poll)
-        {state, data, status}
-      else
-        {state, data, %{draining: false, closed: false, actions: []}}
-      end
-
-    actions = status.actions ++ actions
-
-    {data, out} = Driver.flush(data)
-    timer = {{:timeout, :quic}, quic_timeout(out.timeout), :fire}
-    pace = {{:timeout, :pace}, out.pace || :infinity, :fire}
-
-    # What the peer takes is known from the first flush after the handshake:
-    # dgram_send/3 can check it in the caller from then on.
-    data =
-      if state == :established, do: %{data | dgrams: Datagrams.publish(data.dgrams)}, else: data
-
-    cond do
-      status.closed or out.closed ->
-        finish(state, data, actions)
-
-      state != :draining and (status.draining or data.closing != nil) ->
-        data = Transitions.closing(state, data)
-        cap = {{:timeout, :drain_cap}, @drain_cap_ms, :expired}
-        {:next_state, :draining, data, [timer, pace, cap | actions]}
-
-      true ->
-        {:next_state, state, data, [timer, pace | actions]}
-    end
-  end
-
-  # quiche's next timer, within what an Erlang timer takes (a huge
-  # max_idle_timeout could exceed it): a timer that fires early only makes
-  # quiche find nothing due.
-  defp quic_timeout(nil), do: :infinity
-  defp quic_timeout(ms), do: min(ms, @max_timer_ms)
-
-  defp maybe_established(:handshaking, data, %{established: true} = poll) do
-    case Transitions.refusal(data) do
-      nil -> established(data, poll)
-      {code, phrase} -> refuse(data, poll, code, phrase)
-    end
-  end
-
-  defp maybe_established(state, data, poll),
-    do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
-
-  defp refuse(data, poll, code, phrase) do
-    _ = Native.connection_close(data.native, false, code, phrase)
-    status = %{draining: poll.draining, closed: poll.closed, actions: []}
-    {:handshaking, %{data | closing: :refused}, status}
-  end
-
-  defp established(data, poll) do
-    status = %{
-      draining: poll.draining,
-      closed: poll.closed,
-      actions: [{{:timeout, :handshake}, :cancel}]
-    }
-
-    {:established, Transitions.established(data), status}
-  end
-
-  defp finish(state, data, actions) do
-    data = if state == :draining, do: data, else: Transitions.closing(state, data)
-    {:next_state, :closed, data, actions ++ [{:next_event, :internal, :stop}]}
   end
 
   @impl :gen_statem

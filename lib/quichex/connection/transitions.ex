@@ -1,10 +1,14 @@
 defmodule Quichex.Connection.Transitions do
   @moduledoc false
-  # What the connection does when its state changes: the handshake
-  # completes, the connection starts closing, the process ends.
+  # What the connection does when its state changes: the driver pass that
+  # decides it (drive/6), the handshake completes, the connection starts
+  # closing, the process ends.
 
   alias Quichex.{Native, Telemetry}
   alias Quichex.Connection.{Datagrams, Driver, Mobility, Paths, Reports, State, UDP}
+
+  @drain_cap_ms 3_000
+  @max_timer_ms Quichex.Config.Schema.max_timeout()
 
   @doc """
   Whether a server refuses the client whose handshake just completed:
@@ -91,6 +95,15 @@ defmodule Quichex.Connection.Transitions do
 
   defp start_handler(data), do: data
 
+  @doc "The handshake ran out of time: close at once, tell the owner and the streams."
+  def handshake_expired(%State{} = data) do
+    _ = Native.connection_close(data.native, false, 0, "handshake timeout")
+    {data, _out} = Driver.flush(data)
+    data = %{data | close_reason: Reports.transport_error(:handshake_timeout)}
+    Reports.notify_closed(:handshaking, data)
+    Driver.end_streams(%{data | waiters: []}, data.close_reason)
+  end
+
   @doc "Entering :draining: learn why, tell the owner and the streams."
   def closing(state, %State{} = data) do
     {code, reason} = Reports.close_reason(state, data)
@@ -136,5 +149,86 @@ defmodule Quichex.Connection.Transitions do
     )
 
     :ok
+  end
+
+  ## The driver pass and the state changes it implies
+
+  @doc """
+  One driver pass for an event (`packets` read, quiche's `timer?` fired,
+  or neither) and the state change it implies: returns the `:gen_statem`
+  result, with quiche's timer, the pacer's timer and `actions`.
+  """
+  def drive(state, data, packets, timer?, actions \\ [], to \\ nil) do
+    {state, data, status} =
+      if packets != [] or timer? or Driver.poll_needed?(data) do
+        {poll, data} = Driver.poll(data, packets, timer?, to)
+        {state, data, status} = maybe_established(state, data, poll)
+        # A client refused at the end of the handshake reaches no one.
+        data = if data.closing == :refused, do: data, else: Driver.dispatch(data, poll)
+        {state, data, status}
+      else
+        {state, data, %{draining: false, closed: false, actions: []}}
+      end
+
+    actions = status.actions ++ actions
+
+    {data, out} = Driver.flush(data)
+    timer = {{:timeout, :quic}, quic_timeout(out.timeout), :fire}
+    pace = {{:timeout, :pace}, out.pace || :infinity, :fire}
+
+    # What the peer takes is known from the first flush after the handshake:
+    # dgram_send/3 can check it in the caller from then on.
+    data =
+      if state == :established, do: %{data | dgrams: Datagrams.publish(data.dgrams)}, else: data
+
+    cond do
+      status.closed or out.closed ->
+        finish(state, data, actions)
+
+      state != :draining and (status.draining or data.closing != nil) ->
+        data = closing(state, data)
+        cap = {{:timeout, :drain_cap}, @drain_cap_ms, :expired}
+        {:next_state, :draining, data, [timer, pace, cap | actions]}
+
+      true ->
+        {:next_state, state, data, [timer, pace | actions]}
+    end
+  end
+
+  # quiche's next timer, within what an Erlang timer takes (a huge
+  # max_idle_timeout could exceed it): a timer that fires early only makes
+  # quiche find nothing due.
+  defp quic_timeout(nil), do: :infinity
+  defp quic_timeout(ms), do: min(ms, @max_timer_ms)
+
+  defp maybe_established(:handshaking, data, %{established: true} = poll) do
+    case refusal(data) do
+      nil -> complete_handshake(data, poll)
+      {code, phrase} -> refuse(data, poll, code, phrase)
+    end
+  end
+
+  defp maybe_established(state, data, poll),
+    do: {state, data, %{draining: poll.draining, closed: poll.closed, actions: []}}
+
+  defp refuse(data, poll, code, phrase) do
+    _ = Native.connection_close(data.native, false, code, phrase)
+    status = %{draining: poll.draining, closed: poll.closed, actions: []}
+    {:handshaking, %{data | closing: :refused}, status}
+  end
+
+  defp complete_handshake(data, poll) do
+    status = %{
+      draining: poll.draining,
+      closed: poll.closed,
+      actions: [{{:timeout, :handshake}, :cancel}]
+    }
+
+    {:established, established(data), status}
+  end
+
+  defp finish(state, data, actions) do
+    data = if state == :draining, do: data, else: closing(state, data)
+    {:next_state, :closed, data, actions ++ [{:next_event, :internal, :stop}]}
   end
 end
