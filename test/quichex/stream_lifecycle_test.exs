@@ -138,18 +138,24 @@ defmodule Quichex.StreamLifecycleTest do
       conn = connect!(port)
       server = accept!(listener)
 
-      {:ok, stream} = Connection.open_stream(conn)
-      :ok = Stream.send(stream, "data")
-      assert_receive {:quic_stream_opened, ^server, peer, :bidirectional}
-      assert_receive {:quic_stream, ^server, ^peer, "data"}
+      # Idle connection, nothing in flight: the FIN must not wait for a
+      # timer. A timer would delay every round (the old workaround held
+      # each FIN 50 ms); a busy machine delays only some, so the fastest
+      # of five rounds is what is bounded.
+      times =
+        for _round <- 1..5 do
+          {:ok, stream} = Connection.open_stream(conn)
+          :ok = Stream.send(stream, "data")
+          assert_receive {:quic_stream_opened, ^server, peer, :bidirectional}, 5_000
+          assert_receive {:quic_stream, ^server, ^peer, "data"}, 5_000
 
-      # Idle connection, nothing in flight: the FIN must not wait for a timer.
-      started = System.monotonic_time(:microsecond)
-      :ok = Stream.close(stream)
-      assert_receive {:quic_stream_fin, ^server, ^peer}, 1_000
-      elapsed_us = System.monotonic_time(:microsecond) - started
-      # A generous bound for a busy machine; the old workaround took 50 ms.
-      assert elapsed_us < 40_000, "the FIN took #{elapsed_us} µs"
+          started = System.monotonic_time(:microsecond)
+          :ok = Stream.close(stream)
+          assert_receive {:quic_stream_fin, ^server, ^peer}, 5_000
+          System.monotonic_time(:microsecond) - started
+        end
+
+      assert Enum.min(times) < 40_000, "the FINs took #{inspect(times)} µs"
     end
   end
 
