@@ -946,17 +946,6 @@ defmodule Quichex.InteropMatrixTest do
     end
   end
 
-  # Sends `data` on `stream` (with FIN if `fin`) from a task and returns the
-  # echo of it: exactly as many bytes, then the FIN too if `fin`.
-  defp send_and_read(stream, data, fin) do
-    sender =
-      Task.async(fn -> Quichex.Stream.send(stream, data, fin: fin, timeout: @transfer_timeout) end)
-
-    echo = read_bytes(stream, byte_size(data), fin, [])
-    assert Task.await(sender, @transfer_timeout) == :ok
-    echo
-  end
-
   # At least `n` bytes (no FIN yet), as many as came.
   defp read_at_least(stream, n, acc) do
     case Quichex.Stream.recv(stream, timeout: 10_000) do
