@@ -1155,3 +1155,207 @@ fn o_path_challenge_is_retried_when_its_response_is_lost() {
         .unwrap();
     assert_eq!(format!("{:?}", path.validation_state), "Validated");
 }
+
+// ---------------------------------------------------------------------------
+// Patch J: a server fails a path for its amplification budget only while
+// the peer's address on it is unverified.
+// ---------------------------------------------------------------------------
+
+/// (q) The client's NAT binding changes in the middle of a server-to-client
+/// transfer. The server's first PATH_CHALLENGE on the new path leaves in a
+/// small packet (3x what the client's packet carried, the amplification
+/// budget, spent on it and on data); the client's PATH_RESPONSE verifies its
+/// address, and the server challenges again with a full-size packet to
+/// check the path's MTU. That packet is lost. The server retries and the
+/// path is validated. Unpatched quiche 0.30.0 fails the path at the first
+/// lost challenge, because its spent amplification budget is still checked
+/// although the address is verified and the budget no longer applies: the
+/// active path fails and the connection dies (PROTOCOL_VIOLATION at the
+/// client's next packet) on a busy machine.
+#[test]
+fn q_lost_mtu_challenge_after_address_verified_is_retried() {
+    const SERVER_UNI_0: u64 = 3;
+    let mut pipe = Pipe::new(10);
+    let nat = nat_rebinding();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut received = Received::default();
+
+    // quiche takes what its send window allows; the rest is written as it
+    // opens.
+    let mut written = pipe
+        .server
+        .stream_send(SERVER_UNI_0, &payload, true)
+        .unwrap();
+    // Lost on the way to the client's old address.
+    let lost = pipe.server_flush();
+    assert!(!lost.is_empty());
+
+    // The client's next packet comes from its new address: the server
+    // challenges it there within its small budget.
+    pipe.client.send_ack_eliciting().unwrap();
+    let c = pipe.client_flush();
+    deliver(&mut pipe.server, &c, nat, server_addr());
+    let s = pipe.server_flush();
+    let small: usize = s.iter().map(Vec::len).sum();
+    assert!(
+        small < 1200,
+        "the first flight on the new path is {small} bytes"
+    );
+    pipe.deliver_to_client(&s);
+
+    // The client's PATH_RESPONSE verifies its address; the server's next
+    // flight (its full-size challenge included) is lost.
+    let c = pipe.client_flush();
+    deliver(&mut pipe.server, &c, nat, server_addr());
+    let lost = pipe.server_flush();
+    assert!(!lost.is_empty());
+
+    let nat_path_state = |conn: &Connection| {
+        conn.path_stats()
+            .find(|p| p.peer_addr == nat)
+            .map(|p| format!("{:?}", p.validation_state))
+    };
+
+    // Timers fire; after each, everything gets through.
+    let started = std::time::Instant::now();
+    while !received.fin {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "only {} of {} bytes arrived",
+            received.data.len(),
+            payload.len()
+        );
+        if let Some(wait) = pipe.server.timeout() {
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
+        pipe.server.on_timeout();
+        assert_ne!(nat_path_state(&pipe.server).as_deref(), Some("Failed"));
+        assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
+
+        if written < payload.len() {
+            written += pipe
+                .server
+                .stream_send(SERVER_UNI_0, &payload[written..], true)
+                .unwrap_or(0);
+        }
+        let s = pipe.server_flush();
+        pipe.deliver_to_client(&s);
+        if pipe.client.stream_readable(SERVER_UNI_0) {
+            received.read(&mut pipe.client, SERVER_UNI_0);
+        }
+        let c = pipe.client_flush();
+        deliver(&mut pipe.server, &c, nat, server_addr());
+        assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
+    }
+
+    assert_eq!(received.data, payload);
+    assert_eq!(nat_path_state(&pipe.server).as_deref(), Some("Validated"));
+}
+
+// ---------------------------------------------------------------------------
+// Patch K: a path that failed validation is validated afresh when the peer
+// moves (back) to it.
+// ---------------------------------------------------------------------------
+
+/// (r) After a NAT rebinding, every packet the server sends to the client's
+/// new address is lost for a while (a busy peer), so the new path fails its
+/// validation and the server falls back to the old one. Then the client's
+/// packets arrive again from the new address: the server moves there and
+/// validates it again, and the transfer completes. Unpatched quiche 0.30.0
+/// makes the failed path active but leaves it failed (not usable): the
+/// connection has no active path, and the client's next packet closes it
+/// with PROTOCOL_VIOLATION.
+#[test]
+fn r_peer_back_on_a_failed_path_gets_it_validated_again() {
+    const SERVER_UNI_0: u64 = 3;
+    let mut pipe = Pipe::new(10);
+    let nat = nat_rebinding();
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let mut received = Received::default();
+    let nat_path_state = |conn: &Connection| {
+        conn.path_stats()
+            .find(|p| p.peer_addr == nat)
+            .map(|p| format!("{:?}", p.validation_state))
+    };
+
+    let mut written = pipe
+        .server
+        .stream_send(SERVER_UNI_0, &payload, true)
+        .unwrap();
+    let _lost = pipe.server_flush();
+
+    // The client's packets come from its new address; all the server sends
+    // is lost until the new path fails.
+    pipe.client.send_ack_eliciting().unwrap();
+    let c = pipe.client_flush();
+    deliver(&mut pipe.server, &c, nat, server_addr());
+    let started = std::time::Instant::now();
+    while nat_path_state(&pipe.server).as_deref() != Some("Failed") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new path never failed: {:?}",
+            nat_path_state(&pipe.server)
+        );
+        let _lost = pipe.server_flush();
+        if let Some(wait) = pipe.server.timeout() {
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
+        pipe.server.on_timeout();
+    }
+    assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
+
+    // The client's packets arrive from the new address again.
+    let started = std::time::Instant::now();
+    while !received.fin {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "only {} of {} bytes arrived",
+            received.data.len(),
+            payload.len()
+        );
+        // Two packets at once (one read of a busy socket): the second is
+        // processed before the server has sent anything on the path.
+        pipe.client.send_ack_eliciting().unwrap();
+        let mut pkts = pipe.client_flush();
+        pipe.client.send_ack_eliciting().unwrap();
+        pkts.extend(pipe.client_flush());
+        for pkt in pkts {
+            let mut pkt = pkt.clone();
+            let r = pipe.server.recv(
+                &mut pkt,
+                RecvInfo {
+                    from: nat,
+                    to: server_addr(),
+                },
+            );
+            assert!(
+                matches!(r, Ok(_) | Err(quiche::Error::Done)),
+                "recv from the new address: {r:?}"
+            );
+        }
+        assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
+        if written < payload.len() {
+            written += pipe
+                .server
+                .stream_send(SERVER_UNI_0, &payload[written..], true)
+                .unwrap_or(0);
+        }
+        let s = pipe.server_flush();
+        pipe.deliver_to_client(&s);
+        if pipe.client.stream_readable(SERVER_UNI_0) {
+            received.read(&mut pipe.client, SERVER_UNI_0);
+        }
+        if let Some(wait) = pipe.server.timeout() {
+            if s.is_empty() {
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+                pipe.server.on_timeout();
+            }
+        }
+    }
+
+    assert_eq!(received.data, payload);
+    assert_eq!(nat_path_state(&pipe.server).as_deref(), Some("Validated"));
+    let active: Vec<_> = pipe.server.path_stats().filter(|p| p.active).collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].peer_addr, nat);
+}

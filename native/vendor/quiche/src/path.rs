@@ -495,6 +495,15 @@ impl Path {
         self.active = false;
     }
 
+    // quichex patch K: a failed path the peer uses again starts over, as a
+    // new path would.
+    fn restart_validation(&mut self) {
+        self.state = PathState::Unknown;
+        self.probing_lost = 0;
+        self.last_probe_lost_time = None;
+        self.failure_notified = false;
+    }
+
     #[inline]
     pub fn pop_received_challenge(&mut self) -> Option<[u8; 8]> {
         self.received_challenges.pop_front()
@@ -575,8 +584,14 @@ impl Path {
             // As a server, if requesting a challenge is not
             // possible due to the amplification attack, declare the
             // validation as failed.
+            // quichex patch J: only while the peer's address is not
+            // verified: once a PATH_RESPONSE came, the budget no longer
+            // limits what is sent (a path whose MTU is still being
+            // checked would fail at its first lost challenge).
             if self.probing_lost >= crate::MAX_PROBING_TIMEOUTS ||
-                (is_server && self.max_send_bytes < crate::MIN_PROBING_SIZE)
+                (is_server &&
+                    !self.verified_peer_address &&
+                    self.max_send_bytes < crate::MIN_PROBING_SIZE)
             {
                 self.on_failed_validation();
             } else {
@@ -976,6 +991,14 @@ impl PathMap {
                 self.notify_event(PathEvent::PeerMigrated(local_addr, peer_addr));
             } else {
                 new_active_path.migrating = true;
+
+                // quichex patch K: the peer moved (back) to a path whose
+                // validation failed: validate it afresh. Left Failed, it
+                // would be active but not usable, and the next packet
+                // would close the connection (no active path).
+                if new_active_path.validation_failed() {
+                    new_active_path.restart_validation();
+                }
 
                 // Requests path validation if needed.
                 if !new_active_path.under_validation() {
