@@ -105,6 +105,13 @@ defmodule Quichex.Test.FaultProxy do
   @doc """
   Simulates a NAT rebinding: from now on datagrams reach `upstream` from a
   new socket (a new source port). Returns the new port.
+
+  As in a NAT, the new binding takes over when the client next sends: the
+  old socket still forwards what `upstream` sends until the client's next
+  datagram leaves through the new one, then closes. (A binding that died
+  while the client had nothing to send would leave both sides silent until
+  a keep-alive or the idle timeout: no QUIC stack can follow an address it
+  has not heard from.)
   """
   def rebind(proxy), do: GenServer.call(proxy, :rebind)
 
@@ -167,6 +174,7 @@ defmodule Quichex.Test.FaultProxy do
        %{
          client_sock: client_sock,
          upstream_sock: upstream_sock,
+         old_upstream_socks: [],
          port: port,
          upstream: opts[:upstream],
          client: nil,
@@ -197,9 +205,9 @@ defmodule Quichex.Test.FaultProxy do
 
   def handle_call(:rebind, _from, state) do
     {:ok, sock} = :gen_udp.open(0, state.sock_opts)
-    :gen_udp.close(state.upstream_sock)
     {:ok, port} = :inet.port(sock)
-    {:reply, port, %{state | upstream_sock: sock}}
+    old = [state.upstream_sock | state.old_upstream_socks]
+    {:reply, port, %{state | upstream_sock: sock, old_upstream_socks: old}}
   end
 
   def handle_call({:blackhole, ms}, _from, state) do
@@ -216,18 +224,21 @@ defmodule Quichex.Test.FaultProxy do
     end
   end
 
-  def handle_info({:udp, sock, ip, port, data}, %{upstream_sock: sock} = state) do
-    if {ip, port} == state.upstream do
+  def handle_info({:udp, sock, ip, port, data}, state) do
+    upstream? = sock == state.upstream_sock or sock in state.old_upstream_socks
+
+    if upstream? and {ip, port} == state.upstream do
       {:noreply, incoming(:to_client, data, state)}
     else
       {:noreply, state}
     end
   end
 
-  def handle_info({:udp_passive, sock}, state)
-      when sock in [state.client_sock, state.upstream_sock] do
+  def handle_info({:udp_passive, sock}, state) do
     # The socket may have been closed by a rebind meanwhile: ignore errors.
-    _ = :inet.setopts(sock, active: @active_n)
+    if sock in [state.client_sock, state.upstream_sock | state.old_upstream_socks],
+      do: _ = :inet.setopts(sock, active: @active_n)
+
     {:noreply, state}
   end
 
@@ -247,6 +258,7 @@ defmodule Quichex.Test.FaultProxy do
   def terminate(_reason, state) do
     :gen_udp.close(state.client_sock)
     :gen_udp.close(state.upstream_sock)
+    Enum.each(state.old_upstream_socks, &:gen_udp.close/1)
   end
 
   ## Faults
@@ -334,7 +346,10 @@ defmodule Quichex.Test.FaultProxy do
 
       dir == :to_server ->
         {ip, port} = state.upstream
-        sent(dir, :gen_udp.send(state.upstream_sock, ip, port, data), state)
+        state = sent(dir, :gen_udp.send(state.upstream_sock, ip, port, data), state)
+        # The client sent through the new binding: the old ones are gone.
+        Enum.each(state.old_upstream_socks, &:gen_udp.close/1)
+        %{state | old_upstream_socks: []}
 
       state.client == nil ->
         bump(state, dir, :dropped)
