@@ -35,8 +35,10 @@ defmodule Quichex.LeakTest do
     )
 
     eventually(fn -> length(Process.list()) <= processes end, 15_000)
-    assert :socket.number_of() <= sockets
-    assert length(:erlang.ports()) <= ports
+    # A socket is closed by the VM once its owner is gone, a moment after
+    # the process itself.
+    eventually(fn -> :socket.number_of() <= sockets end, 15_000)
+    eventually(fn -> length(:erlang.ports()) <= ports end, 15_000)
     assert {:ok, %{accepted: 1_001}} = Listener.stats(listener)
     Listener.stop(listener)
   end
