@@ -49,6 +49,7 @@ const MAX_DATAGRAM_SIZE: usize = 1350;
 const CLIENT_BIDI_0: u64 = 0;
 const CLIENT_BIDI_1: u64 = 4;
 const CLIENT_UNI_0: u64 = 2;
+const SERVER_UNI_0: u64 = 3;
 
 fn client_addr() -> SocketAddr {
     "127.0.0.1:40000".parse().unwrap()
@@ -861,7 +862,6 @@ fn nat_rebinding() -> SocketAddr {
 /// at a time with exponential backoff).
 #[test]
 fn k_packets_lost_on_the_path_left_behind_are_retransmitted() {
-    const SERVER_UNI_0: u64 = 3;
     let mut pipe = Pipe::new(10);
     let mut received = Received::default();
     let payload: Vec<u8> = (0..12_000u32).map(|i| (i % 251) as u8).collect();
@@ -1156,6 +1156,35 @@ fn o_path_challenge_is_retried_when_its_response_is_lost() {
     assert_eq!(format!("{:?}", path.validation_state), "Validated");
 }
 
+/// The validation state of `conn`'s path to `peer`, if it has one.
+fn path_state(conn: &Connection, peer: SocketAddr) -> Option<String> {
+    conn.path_stats()
+        .find(|p| p.peer_addr == peer)
+        .map(|p| format!("{:?}", p.validation_state))
+}
+
+/// The server writes what is left of `payload` on `SERVER_UNI_0` (as far as its window allows), its flight reaches the client, and the
+/// client reads. Returns the flight.
+fn server_to_reader(
+    pipe: &mut Pipe,
+    payload: &[u8],
+    written: &mut usize,
+    received: &mut Received,
+) -> Vec<Vec<u8>> {
+    if *written < payload.len() {
+        *written += pipe
+            .server
+            .stream_send(SERVER_UNI_0, &payload[*written..], true)
+            .unwrap_or(0);
+    }
+    let s = pipe.server_flush();
+    pipe.deliver_to_client(&s);
+    if pipe.client.stream_readable(SERVER_UNI_0) {
+        received.read(&mut pipe.client, SERVER_UNI_0);
+    }
+    s
+}
+
 // ---------------------------------------------------------------------------
 // Patch J: a server fails a path for its amplification budget only while
 // the peer's address on it is unverified.
@@ -1174,7 +1203,6 @@ fn o_path_challenge_is_retried_when_its_response_is_lost() {
 /// client's next packet) on a busy machine.
 #[test]
 fn q_lost_mtu_challenge_after_address_verified_is_retried() {
-    const SERVER_UNI_0: u64 = 3;
     let mut pipe = Pipe::new(10);
     let nat = nat_rebinding();
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -1210,12 +1238,6 @@ fn q_lost_mtu_challenge_after_address_verified_is_retried() {
     let lost = pipe.server_flush();
     assert!(!lost.is_empty());
 
-    let nat_path_state = |conn: &Connection| {
-        conn.path_stats()
-            .find(|p| p.peer_addr == nat)
-            .map(|p| format!("{:?}", p.validation_state))
-    };
-
     // Timers fire; after each, everything gets through.
     let started = std::time::Instant::now();
     while !received.fin {
@@ -1229,27 +1251,17 @@ fn q_lost_mtu_challenge_after_address_verified_is_retried() {
             std::thread::sleep(wait.min(Duration::from_millis(100)));
         }
         pipe.server.on_timeout();
-        assert_ne!(nat_path_state(&pipe.server).as_deref(), Some("Failed"));
+        assert_ne!(path_state(&pipe.server, nat).as_deref(), Some("Failed"));
         assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
 
-        if written < payload.len() {
-            written += pipe
-                .server
-                .stream_send(SERVER_UNI_0, &payload[written..], true)
-                .unwrap_or(0);
-        }
-        let s = pipe.server_flush();
-        pipe.deliver_to_client(&s);
-        if pipe.client.stream_readable(SERVER_UNI_0) {
-            received.read(&mut pipe.client, SERVER_UNI_0);
-        }
+        server_to_reader(&mut pipe, &payload, &mut written, &mut received);
         let c = pipe.client_flush();
         deliver(&mut pipe.server, &c, nat, server_addr());
         assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
     }
 
     assert_eq!(received.data, payload);
-    assert_eq!(nat_path_state(&pipe.server).as_deref(), Some("Validated"));
+    assert_eq!(path_state(&pipe.server, nat).as_deref(), Some("Validated"));
 }
 
 // ---------------------------------------------------------------------------
@@ -1267,16 +1279,10 @@ fn q_lost_mtu_challenge_after_address_verified_is_retried() {
 /// with PROTOCOL_VIOLATION.
 #[test]
 fn r_peer_back_on_a_failed_path_gets_it_validated_again() {
-    const SERVER_UNI_0: u64 = 3;
     let mut pipe = Pipe::new(10);
     let nat = nat_rebinding();
     let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     let mut received = Received::default();
-    let nat_path_state = |conn: &Connection| {
-        conn.path_stats()
-            .find(|p| p.peer_addr == nat)
-            .map(|p| format!("{:?}", p.validation_state))
-    };
 
     let mut written = pipe
         .server
@@ -1290,11 +1296,11 @@ fn r_peer_back_on_a_failed_path_gets_it_validated_again() {
     let c = pipe.client_flush();
     deliver(&mut pipe.server, &c, nat, server_addr());
     let started = std::time::Instant::now();
-    while nat_path_state(&pipe.server).as_deref() != Some("Failed") {
+    while path_state(&pipe.server, nat).as_deref() != Some("Failed") {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the new path never failed: {:?}",
-            nat_path_state(&pipe.server)
+            path_state(&pipe.server, nat)
         );
         let _lost = pipe.server_flush();
         if let Some(wait) = pipe.server.timeout() {
@@ -1334,17 +1340,7 @@ fn r_peer_back_on_a_failed_path_gets_it_validated_again() {
             );
         }
         assert!(!pipe.server.is_closed(), "{:?}", pipe.server.local_error());
-        if written < payload.len() {
-            written += pipe
-                .server
-                .stream_send(SERVER_UNI_0, &payload[written..], true)
-                .unwrap_or(0);
-        }
-        let s = pipe.server_flush();
-        pipe.deliver_to_client(&s);
-        if pipe.client.stream_readable(SERVER_UNI_0) {
-            received.read(&mut pipe.client, SERVER_UNI_0);
-        }
+        let s = server_to_reader(&mut pipe, &payload, &mut written, &mut received);
         if let Some(wait) = pipe.server.timeout() {
             if s.is_empty() {
                 std::thread::sleep(wait.min(Duration::from_millis(20)));
@@ -1354,7 +1350,7 @@ fn r_peer_back_on_a_failed_path_gets_it_validated_again() {
     }
 
     assert_eq!(received.data, payload);
-    assert_eq!(nat_path_state(&pipe.server).as_deref(), Some("Validated"));
+    assert_eq!(path_state(&pipe.server, nat).as_deref(), Some("Validated"));
     let active: Vec<_> = pipe.server.path_stats().filter(|p| p.active).collect();
     assert_eq!(active.len(), 1);
     assert_eq!(active[0].peer_addr, nat);
